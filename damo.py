@@ -1,0 +1,1018 @@
+"""DAMO: Dual Alignment Maximin Optimization for offline model-based RL, in one file.
+
+Paper: Chi Zhou, Wang Luo, Haoran Li, Congying Han, Tiande Guo, Zicheng Zhang,
+"Dual Alignment Maximin Optimization for Offline Model-based RL", arXiv 2502.00850.
+
+What DAMO does. Offline model-based RL trains a policy on short rollouts of a learned dynamics
+model M^ branched from an offline dataset D. DAMO asks that the learned policy, acting in M^, behave
+like the behaviour policy acting in the real environment. It is an actor-critic *maximin*: the inner
+minimisation over the critic is a "dual conservative value estimation" that aligns policies (Q is
+pushed down on the policy's actions and up on the data's actions) and trajectories (a classifier
+between offline and synthetic transitions corrects the synthetic reward); the outer maximisation over
+the policy ascends exactly the value the critic estimates.
+
+The paper's full text, equations and code are not public; this file implements a derivation that is
+consistent with everything the paper states (abstract, figure captions) and says where it is ours.
+README.md "Reading guide" numbers the equations (Eq. 1 ... Eq. 10); the code is tagged with them.
+[paper] marks what the paper states, [ours] what is this project's reconstruction or choice.
+
+Usage:
+    python damo.py --env-id hopper-medium-expert --seed 0
+    python damo.py --help
+
+Map of the file (top to bottom, in the order of the algorithm):
+    1. Args                          every flag, its symbol and where its default comes from
+    2. Data                          Minari loading, medium-expert, normalisation, D4RL scores
+    3. Networks                      EnsembleLinear, dynamics ensemble, termination functions,
+                                     discriminator, critic ensemble, actor
+    4. Losses                        dynamics_loss (Eq. 9), discriminator_loss (Eq. 3),
+                                     critic_loss (Eqs. 4-6), actor_loss (Eq. 7), alpha_loss (Eq. 8)
+    5. Dynamics training, model rollouts, evaluation
+    6. main(): train dynamics -> loop { rollout, discriminator, critic, actor, temperature,
+                                        target update, log, evaluate }
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import platform
+import random
+import re
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+from urllib.parse import urlparse
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ====================================================================================================
+# 1. Arguments
+# ====================================================================================================
+
+
+@dataclass
+class Args:
+    # --- experiment ---
+    exp_name: str = "damo"
+    """name of this experiment (part of the run folder's name)"""
+    env_id: str = "hopper-medium-expert"
+    """dataset: a short id {hopper,halfcheetah,walker2d}-{simple,medium,expert,medium-expert} or a full Minari id (mujoco/hopper/medium-v0)"""
+    seed: int = 0
+    """seed of python, numpy and torch (evaluation episodes use seed + 10_000 + k)"""
+    torch_deterministic: bool = True
+    """set torch.backends.cudnn.deterministic (CPU runs are reproducible for a fixed seed and thread count either way)"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+    threads: int = 1
+    """CPU threads for torch (measured on a 2-core machine: 1 is fastest when anything else runs; see README)"""
+    bc: bool = False
+    """behaviour-cloning baseline: train only the actor's mean action on the offline data (no model, no critic)"""
+
+    # --- logging ---
+    runs_dir: str = "runs"
+    """folder that holds one sub-folder per run"""
+    run_name: Optional[str] = None
+    """run folder name (default: {env_id}__{exp_name}__{seed}__{unix time})"""
+    track: bool = False
+    """log to Weights & Biases as well (needs `pip install wandb` and a login)"""
+    wandb_project_name: str = "damo"
+    """W&B project (with --track)"""
+    wandb_entity: Optional[str] = None
+    """W&B entity (with --track)"""
+    log_every: int = 1000
+    """gradient steps between scalar logs; losses are checked for NaN/inf at these steps only (no host syncs otherwise)"""
+
+    # --- data ---
+    download: bool = True
+    """download a missing Minari dataset (needs network and minari[hf]); --no-download fails at once instead"""
+
+    # --- dynamics ensemble (MOPO/MOBILE conventions) ---
+    dynamics_path: Optional[str] = None
+    """reuse a trained ensemble (a run's dynamics.pt or checkpoint.pt, same dataset) instead of training one"""
+    n_ensemble: int = 7
+    """ensemble members N (MOPO/MOBILE default)"""
+    n_elites: int = 5
+    """elite members used in rollouts, lowest holdout error (MOPO/MOBILE default)"""
+    dynamics_hidden: int = 200
+    """hidden width of each member, 4 layers, Swish (MOPO/MOBILE default)"""
+    dynamics_lr: float = 1e-3
+    """Adam learning rate of the ensemble (MOPO/MOBILE default)"""
+    dynamics_batch_size: int = 256
+    """batch per member (MOPO/MOBILE default)"""
+    dynamics_max_epochs: Optional[int] = None
+    """cap on dynamics epochs (default: none, early stopping only, as MOPO)"""
+    dynamics_patience: int = 5
+    """stop after this many epochs with no member improving its holdout error by > 1% (MOPO/MOBILE default)"""
+    dynamics_holdout: int = 1000
+    """holdout transitions, at most 20% of the data (MOPO/MOBILE default: min(20%, 1000))"""
+
+    # --- model rollouts ---
+    rollout_freq: int = 1000
+    """gradient steps between model rollouts (MOPO/MOBILE default)"""
+    rollout_batch_size: int = 50_000
+    """start states per rollout, drawn from the offline data (MOPO/MOBILE default)"""
+    rollout_length: int = 5
+    """rollout horizon h (MOPO/MOBILE default for hopper)"""
+    model_retain_rollouts: int = 5
+    """the synthetic buffer keeps the transitions of this many rollouts, FIFO (MOPO/MOBILE default)"""
+    real_ratio: float = 0.5
+    """fraction of offline rows in a training batch (COMBO's 0.5, which also has a conservative critic; MOPO/MOBILE use 0.05)"""
+
+    # --- discriminator: data alignment, "er" ---
+    beta: float = 0.1
+    """beta, weight of the data-alignment reward correction r~ = r + beta * clip(logit D) (Eq. 4; 0 = the paper's "w/o er"); our choice, from the prototype in shared/method.md"""
+    logit_clip: float = 5.0
+    """c, the discriminator logit is clipped to [-c, c] in Eq. 4 (our choice)"""
+    disc_hidden: int = 256
+    """discriminator MLP width, 2 hidden layers (our choice)"""
+    disc_lr: float = 3e-4
+    """discriminator Adam learning rate (our choice)"""
+
+    # --- critics and actor: behaviour alignment, "ir" ---
+    alpha: float = 5.0
+    """alpha, weight of the conservative behaviour-alignment term (Eq. 5; 0 = the paper's "w/o ir"); our choice, from the prototype in shared/method.md"""
+    bc_coef: float = 0.2
+    """eta: policy-side part of the behaviour divergence in the actor, weight alpha * eta on ||mu(s) - a||^2 (Eq. 7b, ours; alpha * eta = 1 at the defaults, the prototype's setting)"""
+    gamma: float = 0.99
+    """discount (MOPO/MOBILE default)"""
+    tau: float = 0.005
+    """Polyak rate of the target critics (SAC default)"""
+    batch_size: int = 256
+    """training batch B (SAC default)"""
+    actor_lr: float = 1e-4
+    """actor Adam learning rate (MOBILE default)"""
+    critic_lr: float = 3e-4
+    """critic Adam learning rate (MOBILE default)"""
+    alpha_ent_lr: float = 1e-4
+    """learning rate of the entropy temperature (MOBILE default)"""
+    n_critics: int = 2
+    """critics in the ensemble; the target takes their minimum (SAC default)"""
+    hidden: int = 256
+    """width of the actor's and critics' two hidden layers (SAC default)"""
+
+    # --- training length and evaluation ---
+    epochs: int = 3000
+    """epochs E; an evaluation closes each epoch (MOPO/MOBILE default: 3000 x 1000 = 3M steps)"""
+    steps_per_epoch: int = 1000
+    """gradient steps per epoch (MOPO/MOBILE default)"""
+    eval_episodes: int = 10
+    """deterministic evaluation episodes per epoch (D4RL convention)"""
+
+
+# ====================================================================================================
+# 2. Data: Minari datasets, medium-expert, observation normalisation, normalised scores
+# ====================================================================================================
+
+
+class DamoError(Exception):
+    """A problem the user can fix; main() prints it without a traceback and exits with status 2."""
+
+
+ENVS = ("hopper", "halfcheetah", "walker2d")
+QUALITIES = ("simple", "medium", "expert", "medium-expert")
+SHORT_IDS = [f"{e}-{q}" for e in ENVS for q in QUALITIES]
+# D4RL's reference returns (random, expert). On Minari's v5 data these give an *approximation* of the
+# paper's D4RL-v2 scale, because the environments and the data differ: always read raw returns too.
+D4RL_REF = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3)}
+
+
+def _remote_reachable(timeout: float = 5.0) -> bool:
+    """Is Minari's remote reachable? One TCP connect, so a machine without network fails in seconds
+    instead of after Minari's ~25 s of retries."""
+    remote = os.environ.get("MINARI_REMOTE", "hf://farama-minari")
+    if remote.startswith("hf://"):
+        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    elif remote.startswith("gcp://"):
+        host = "storage.googleapis.com"
+    else:
+        host = urlparse(remote).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_minari_id(dataset_id: str, download: bool, required: bool = True) -> Optional[str]:
+    """Turn `ns/name` or `ns/name-vN` into an existing id: a given version as is; otherwise the newest
+    local version, else the newest compatible remote version (fetched later by load_dataset)."""
+    import minari
+    from minari.dataset.minari_dataset import parse_dataset_id
+
+    m = re.fullmatch(r"(?:(?P<ns>[\w.-]+(?:/[\w.-]+)*)/)?(?P<name>[\w.-]+?)(?:-v(?P<v>\d+))?", dataset_id)
+    if m is None:
+        raise DamoError(f"malformed Minari id '{dataset_id}' (expected namespace/name or namespace/name-vN)")
+    if m["v"] is not None:
+        return dataset_id
+    namespace, name = m["ns"], m["name"]
+    local = [parse_dataset_id(i)[2] for i in minari.list_local_datasets(prefix=namespace)
+             if parse_dataset_id(i)[:2] == (namespace, name)]
+    if local:
+        return f"{namespace}/{name}-v{max(local)}"
+    if download:
+        if not _remote_reachable():
+            if not required:
+                return None
+            raise DamoError(missing_dataset_message(dataset_id, "and Minari's remote cannot be reached (no network?)"))
+        try:
+            remote = minari.list_remote_datasets(prefix=f"{namespace}/{name}", compatible_minari_version=True)
+        except ImportError as e:
+            raise DamoError(f"downloading needs minari's hub support: pip install 'minari[hf]' ({e})") from None
+        except Exception as e:  # network errors come from several client libraries
+            if not required:
+                return None
+            raise DamoError(missing_dataset_message(dataset_id, f"and listing the remote failed: {e}")) from None
+        versions = [parse_dataset_id(i)[2] for i in remote if parse_dataset_id(i)[:2] == (namespace, name)]
+        if versions:
+            return f"{namespace}/{name}-v{max(versions)}"
+    if required:
+        raise DamoError(missing_dataset_message(dataset_id, "locally" + ("" if download else " (--no-download)")))
+    return None
+
+
+def missing_dataset_message(dataset_id: str, why: str) -> str:
+    from minari.storage import get_dataset_path
+
+    return (
+        f"Minari dataset '{dataset_id}' was not found {why}.\n"
+        f"Searched: {get_dataset_path()} (set MINARI_DATASETS_PATH to look elsewhere).\n"
+        f"On a machine with network: pip install 'minari[hf]' && minari download {dataset_id}\n"
+        f"(or run damo.py there once), then copy that folder here. "
+        f"README 'Local data' shows how to build a local stand-in from the carried behaviour policies."
+    )
+
+
+def dataset_ids_for(env_id: str, download: bool) -> tuple[list[str], str]:
+    """Map --env-id to the Minari ids to load (two for a medium-expert that must be combined) and the
+    environment family ('hopper', ...; '' if unknown). Raises DamoError for an unknown id."""
+    if "/" not in env_id:
+        if env_id not in SHORT_IDS:
+            raise DamoError(f"unknown --env-id '{env_id}'. Accepted short ids: {', '.join(SHORT_IDS)}; "
+                            "or a full Minari id such as mujoco/hopper/medium-v0")
+        family, quality = env_id.split("-", 1)
+        base = f"mujoco/{family}/{quality}"
+    else:
+        base, family = env_id, next((e for e in ENVS if f"/{e}/" in env_id), "")
+    if base.endswith("/medium-expert") or "/medium-expert-v" in base:
+        # A published medium-expert (Minari's -v2 scripts build one) wins; otherwise combine the two
+        # sets, as D4RL built medium-expert by concatenating medium and expert.
+        published = resolve_minari_id(base, download, required=False)
+        if published is not None:
+            return [published], family
+        stem = base.rsplit("/", 1)[0]
+        return [resolve_minari_id(f"{stem}/medium", download), resolve_minari_id(f"{stem}/expert", download)], family
+    return [resolve_minari_id(base, download)], family
+
+
+def load_dataset(env_id: str, download: bool = True) -> tuple[dict, dict, gym.Env]:
+    """Load D as flat float32 arrays (observations, actions, rewards, next_observations, terminals),
+    with info (ids, reference scores) and the evaluation environment (the dataset's own)."""
+    import minari
+
+    ids, family = dataset_ids_for(env_id, download)
+    parts, refs, datasets = [], [], []
+    for did in ids:
+        try:
+            ds = minari.load_dataset(did, download=download)
+        except FileNotFoundError:
+            raise DamoError(missing_dataset_message(did, "locally (--no-download)")) from None
+        except Exception as e:
+            raise DamoError(missing_dataset_message(did, f"and the download failed: {e}")) from None
+        datasets.append(ds)
+        meta = ds.storage.metadata
+        refs.append((meta.get("ref_min_score"), meta.get("ref_max_score")))
+        for ep in ds.iterate_episodes():
+            obs = np.asarray(ep.observations, dtype=np.float32)  # [T+1, obs_dim]
+            parts.append(dict(
+                observations=obs[:-1], next_observations=obs[1:],
+                actions=np.asarray(ep.actions, dtype=np.float32),
+                rewards=np.asarray(ep.rewards, dtype=np.float32),
+                # bootstrap mask: terminations only; a time-limit truncation must still bootstrap
+                terminals=np.asarray(ep.terminations, dtype=np.float32),
+            ))
+    data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    env = datasets[0].recover_environment(eval_env=True)
+    if refs[0][0] is not None and refs[0][1] is not None and all(r == refs[0] for r in refs):
+        ref, ref_source = refs[0], "dataset"
+    elif family in D4RL_REF:
+        ref, ref_source = D4RL_REF[family], "D4RL (approximate on v5 data)"
+    else:
+        ref, ref_source = (None, None), "none"
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    if data["observations"].shape[1] != obs_dim or data["actions"].shape[1] != act_dim:
+        raise DamoError(f"dataset shapes obs {data['observations'].shape[1]}, act {data['actions'].shape[1]} "
+                        f"do not match the env {env.spec.id} ({obs_dim}, {act_dim})")
+    info = dict(dataset_ids=ids, env_family=family, eval_env_id=env.spec.id if env.spec else None,
+                ref_min_score=ref[0], ref_max_score=ref[1], ref_source=ref_source,
+                n_transitions=int(len(data["rewards"])), n_episodes=sum(d.total_episodes for d in datasets),
+                minari_version=minari.__version__)
+    return data, info, env
+
+
+def normalized_score(ret, info: dict):
+    """Eq. 10: score = 100 * (R - R_random) / (R_expert - R_random); NaN without references."""
+    if info["ref_min_score"] is None:
+        return float("nan") * np.asarray(ret)
+    return 100.0 * (np.asarray(ret) - info["ref_min_score"]) / (info["ref_max_score"] - info["ref_min_score"])
+
+
+# ====================================================================================================
+# 3. Networks
+# ====================================================================================================
+
+
+class EnsembleLinear(nn.Module):
+    """E independent linear layers as one batched matmul: x [E, B, in] -> [E, B, out].
+    One `baddbmm` instead of a Python loop over members (the speed of the whole ensemble)."""
+
+    def __init__(self, n: int, d_in: int, d_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n, d_in, d_out))
+        self.bias = nn.Parameter(torch.zeros(n, 1, d_out))
+        bound = 1 / math.sqrt(d_in)  # nn.Linear's default init, U(-1/sqrt(in), 1/sqrt(in))
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor, members: Optional[torch.Tensor] = None) -> torch.Tensor:
+        w, b = (self.weight, self.bias) if members is None else (self.weight[members], self.bias[members])
+        return torch.baddbmm(b, x, w)
+
+
+class DynamicsEnsemble(nn.Module):
+    """Probabilistic ensemble M^(s' - s, r | s, a): each member outputs a diagonal Gaussian
+    (mean, log-variance) over [delta normalised obs, reward] (MOPO/MOBILE architecture: 4x200 Swish,
+    log-variance soft-clamped between learnable bounds)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, n: int, hidden: int, n_elites: int):
+        super().__init__()
+        self.n, self.out_dim = n, obs_dim + 1
+        dims = [obs_dim + act_dim, hidden, hidden, hidden, hidden]
+        self.layers = nn.ModuleList(EnsembleLinear(n, i, o) for i, o in zip(dims[:-1], dims[1:]))
+        self.head = EnsembleLinear(n, hidden, 2 * self.out_dim)
+        self.max_logvar = nn.Parameter(torch.full((1, 1, self.out_dim), 0.5))
+        self.min_logvar = nn.Parameter(torch.full((1, 1, self.out_dim), -10.0))
+        self.weight_decay = [2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4]  # per layer (MOPO/MOBILE default)
+        self.register_buffer("elites", torch.arange(n_elites))  # set by train_dynamics
+
+    def forward(self, x: torch.Tensor, members: Optional[torch.Tensor] = None):
+        for layer in self.layers:
+            x = F.silu(layer(x, members))  # Swish
+        mean, logvar = self.head(x, members).chunk(2, dim=-1)
+        # soft clamp into [min_logvar, max_logvar] keeps gradients alive at the bounds
+        logvar = self.max_logvar - F.softplus(self.max_logvar - logvar)
+        logvar = self.min_logvar + F.softplus(logvar - self.min_logvar)
+        return mean, logvar  # [E, B, obs_dim + 1] each
+
+
+def hopper_termination(obs: torch.Tensor) -> torch.Tensor:
+    """Hopper-v5: unhealthy when z <= 0.7, |angle| >= 0.2, or obs[1:] leaves (-100, 100). (The env checks
+    unclipped velocities; observed velocities are clipped to +-10, so that part never fires from obs.)"""
+    z, angle = obs[..., 0], obs[..., 1]
+    healthy = (z > 0.7) & (angle.abs() < 0.2) & (obs[..., 1:].abs() < 100).all(-1)
+    return ~healthy
+
+
+def walker2d_termination(obs: torch.Tensor) -> torch.Tensor:
+    """Walker2d-v5: unhealthy when z leaves (0.8, 2.0) or the angle leaves (-1, 1)."""
+    z, angle = obs[..., 0], obs[..., 1]
+    return ~((z > 0.8) & (z < 2.0) & (angle > -1.0) & (angle < 1.0))
+
+
+def never_terminates(obs: torch.Tensor) -> torch.Tensor:
+    """HalfCheetah-v5 (and any env whose episodes only end by time limit)."""
+    return torch.zeros(obs.shape[:-1], dtype=torch.bool, device=obs.device)
+
+
+TERMINATION_FNS = {"hopper": hopper_termination, "walker2d": walker2d_termination, "halfcheetah": never_terminates}
+
+
+def termination_fn_for(family: str, data: dict) -> Callable:
+    if family in TERMINATION_FNS:
+        return TERMINATION_FNS[family]
+    if data["terminals"].sum() == 0:  # the data never terminate: a time-limit-only env
+        return never_terminates
+    raise DamoError(f"no termination function is known for this dataset's env and its data do terminate; "
+                    f"add one to TERMINATION_FNS (known: {', '.join(TERMINATION_FNS)})")
+
+
+def mlp(d_in: int, d_out: int, hidden: int, n_hidden: int = 2) -> nn.Sequential:
+    layers, d = [], d_in
+    for _ in range(n_hidden):
+        layers += [nn.Linear(d, hidden), nn.ReLU()]
+        d = hidden
+    return nn.Sequential(*layers, nn.Linear(d, d_out))
+
+
+class Discriminator(nn.Module):
+    """D_w(s, a, s') -> logit of "offline" (label 1) vs "synthetic" (label 0) (Eq. 3) [paper: a classifier
+    aligns synthetic with offline data; its inputs and form are ours]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int):
+        super().__init__()
+        self.net = mlp(2 * obs_dim + act_dim, 1, hidden)
+
+    def forward(self, s, a, s_next):
+        return self.net(torch.cat([s, a, s_next - s], -1)).squeeze(-1)  # [B] logits
+
+
+class CriticEnsemble(nn.Module):
+    """n critics Q_j(s, a) in one batched network (two 256 ReLU layers each): [B] -> [n, B]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, n: int):
+        super().__init__()
+        self.n = n
+        self.l1 = EnsembleLinear(n, obs_dim + act_dim, hidden)
+        self.l2 = EnsembleLinear(n, hidden, hidden)
+        self.l3 = EnsembleLinear(n, hidden, 1)
+
+    def forward(self, s, a):
+        x = torch.cat([s, a], -1).expand(self.n, -1, -1)  # [n, B, obs_dim + act_dim], no copy
+        return self.l3(F.relu(self.l2(F.relu(self.l1(x))))).squeeze(-1)  # [n, B]
+
+
+class Actor(nn.Module):
+    """Tanh-Gaussian policy pi(a|s), log-std clamped to [-5, 2] (SAC convention)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int):
+        super().__init__()
+        self.trunk = mlp(obs_dim, 2 * act_dim, hidden)
+
+    def forward(self, s):
+        mu, log_std = self.trunk(s).chunk(2, -1)
+        return mu, log_std.clamp(-5.0, 2.0)
+
+    def sample(self, s):
+        """a ~ pi(.|s) by reparameterisation, with log pi(a|s) (tanh change of variables)."""
+        mu, log_std = self(s)
+        u = mu + log_std.exp() * torch.randn_like(mu)
+        a = torch.tanh(u)
+        log_prob = (-0.5 * ((u - mu) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        log_prob = log_prob - (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)  # log|d tanh(u)/du|
+        return a, log_prob
+
+    def act(self, s):
+        """The deterministic action tanh(mu), used for evaluation."""
+        return torch.tanh(self(s)[0])
+
+
+# ====================================================================================================
+# 4. Losses, one function each, returning (loss, info)
+# ====================================================================================================
+
+
+def dynamics_loss(model: DynamicsEnsemble, x: torch.Tensor, y: torch.Tensor):
+    """Eq. 9: Gaussian NLL per member, summed over members, + per-layer weight decay
+    + 0.01 * (sum max_logvar - sum min_logvar) (MOPO/MOBILE). x [E, B, in], y [E, B, obs_dim + 1]."""
+    mean, logvar = model(x)
+    nll = (((mean - y) ** 2) * torch.exp(-logvar) + logvar).mean(dim=(1, 2)).sum()
+    decay = sum(wd * 0.5 * (layer.weight ** 2).sum() for wd, layer in zip(model.weight_decay, [*model.layers, model.head]))
+    bounds = 0.01 * (model.max_logvar.sum() - model.min_logvar.sum())
+    return nll + decay + bounds, {"dynamics_nll": nll}
+
+
+def discriminator_loss(disc: Discriminator, off: tuple, syn: tuple):
+    """Eq. 3: binary cross-entropy, offline transitions labelled 1, synthetic ones 0. At the optimum
+    D / (1 - D) = d^D / d^S, so logit D = log d^D/d^S, which Eq. 4 uses as a reward correction [ours]."""
+    logit_off, logit_syn = disc(*off), disc(*syn)
+    loss = F.binary_cross_entropy_with_logits(logit_off, torch.ones_like(logit_off)) + \
+        F.binary_cross_entropy_with_logits(logit_syn, torch.zeros_like(logit_syn))
+    acc = 0.5 * ((logit_off > 0).float().mean() + (logit_syn < 0).float().mean())
+    return loss, {"disc_loss": loss, "disc_acc": acc, "disc_p_offline": torch.sigmoid(logit_off).mean(),
+                  "disc_p_synthetic": torch.sigmoid(logit_syn).mean()}
+
+
+def corrected_reward(disc: Discriminator, s, a, r, s_next, is_synthetic, beta: float, clip: float):
+    """Eq. 4 (data alignment, "er") [ours]: r~ = r + beta * clip(logit D(s, a, s'), -c, c) on synthetic rows;
+    offline rows keep their reward. Synthetic transitions unlike the offline data get less reward."""
+    if beta == 0:
+        return r, torch.zeros_like(r)
+    with torch.no_grad():
+        bonus = beta * disc(s, a, s_next).clamp(-clip, clip) * is_synthetic
+    return r + bonus, bonus
+
+
+def critic_loss(critic, critic_target, actor, log_alpha_ent, batch: dict, n_real: int, offline: Optional[dict],
+                alpha: float, gamma: float):
+    """Eqs. 5-6 (inner min over Q, behaviour alignment "ir") [ours: the dual form of the paper's
+    "dual conservative value estimation"], for every critic j:
+
+      L(Q_j) = alpha * ( E_{s~B, a~pi(s)} Q_j(s, a) - E_{(s,a)~D} Q_j(s, a) )      (push down / push up)
+             + 1/2 * E_{(s,a,r~,s')~B} ( y - Q_j(s, a) )^2,                         (TD, Eq. 6)
+      y = r~ + gamma * (1 - done) * ( min_k Qbar_k(s', a') - alpha_ent * log pi(a'|s') ),  a' ~ pi(s').
+
+    The push-up expectation is over offline rows: the first n_real rows of B, or `offline` when given
+    (a separate offline batch, used when B holds few offline rows)."""
+    s, a, r, s2, d = batch["obs"], batch["act"], batch["rew"], batch["next_obs"], batch["done"]
+    alpha_ent = log_alpha_ent.exp().detach()
+    with torch.no_grad():
+        a2, logp2 = actor.sample(s2)
+        v2 = critic_target(s2, a2).min(0).values - alpha_ent * logp2
+        y = r + gamma * (1.0 - d) * v2  # Eq. 6, [B]
+        a_pi = actor.sample(s)[0] if alpha > 0 else None
+    if alpha > 0:
+        if offline is None:
+            q_all = critic(torch.cat([s, s]), torch.cat([a, a_pi]))  # one forward: [n, 2B]
+            q, q_pi = q_all[:, : len(s)], q_all[:, len(s):]
+            q_data = q[:, :n_real]
+        else:
+            q_all = critic(torch.cat([s, s, offline["obs"]]), torch.cat([a, a_pi, offline["act"]]))
+            q, q_pi, q_data = q_all[:, : len(s)], q_all[:, len(s): 2 * len(s)], q_all[:, 2 * len(s):]
+        conservative = (q_pi.mean(1) - q_data.mean(1)).sum()  # Eq. 5, summed over critics
+    else:
+        q = critic(s, a)
+        conservative = torch.zeros((), device=s.device)
+    td = 0.5 * ((y - q) ** 2).mean(1).sum()
+    loss = alpha * conservative + td
+    return loss, {"critic_loss": loss, "td_loss": td, "conservative_gap": conservative / critic.n,
+                  "q_data": q.mean(), "target_q": y.mean()}
+
+
+def actor_loss(critic, actor, log_alpha_ent, s: torch.Tensor, s_data: torch.Tensor, a_data: torch.Tensor,
+               alpha: float, bc_coef: float):
+    """Eq. 7 (outer max over pi) [ours]: the soft actor loss on the inner critic,
+        L_pi = E_{s~B} [ alpha_ent * log pi(a|s) - min_j Q_j(s, a) ],  a ~ pi(s),
+    so the policy ascends exactly the value the critic estimates. Eq. 7b [ours, optional]: the policy
+    part of the behaviour divergence, E_s KL(pi(.|s) || pi_beta(.|s)), with the TD3+BC surrogate
+    alpha * eta * ||tanh(mu(s)) - a||^2 on offline rows; the Q term is then divided by mean |Q|
+    (TD3+BC) so that eta does not depend on the reward scale. alpha = 0 removes it with Eq. 5."""
+    a, logp = actor.sample(s)
+    q = critic(s, a).min(0).values
+    sac = log_alpha_ent.exp().detach() * logp - q
+    w_bc = alpha * bc_coef
+    if w_bc > 0:
+        bc = ((actor.act(s_data) - a_data) ** 2).sum(-1).mean()
+        loss = sac.mean() / q.abs().mean().detach().clamp_min(1e-6) + w_bc * bc
+    else:
+        bc = torch.zeros((), device=s.device)
+        loss = sac.mean()
+    return loss, {"actor_loss": loss, "actor_bc_mse": bc, "entropy": -logp.mean()}, logp.detach()
+
+
+def alpha_loss(log_alpha_ent, logp: torch.Tensor, target_entropy: float):
+    """Eq. 8: automatic entropy tuning, L = -log alpha_ent * (log pi + target_entropy), target -|A| (SAC)."""
+    loss = -(log_alpha_ent * (logp + target_entropy)).mean()
+    return loss, {"alpha_ent_loss": loss, "alpha_ent": log_alpha_ent.exp()}
+
+
+def bc_loss(actor, s, a):
+    """Behaviour cloning baseline (--bc): ||tanh(mu(s)) - a||^2 on offline rows."""
+    loss = ((actor.act(s) - a) ** 2).sum(-1).mean()
+    return loss, {"bc_loss": loss}
+
+
+# ====================================================================================================
+# 5. Dynamics training, model rollouts, evaluation
+# ====================================================================================================
+
+
+def train_dynamics(model: DynamicsEnsemble, X: torch.Tensor, Y: torch.Tensor, args: Args, gen: torch.Generator,
+                   progress=None) -> dict:
+    """Fit the ensemble (Eq. 9) with a holdout split, snapshots on > 1% holdout improvement, early
+    stopping and elite selection (MOPO/MOBILE procedure). X [N, obs+act], Y [N, obs+1]."""
+    E, N, dev = model.n, X.shape[0], X.device
+    n_hold = min(int(0.2 * N), args.dynamics_holdout)
+    perm = torch.randperm(N, generator=gen, device="cpu").to(dev)
+    Xh, Yh, Xt, Yt = X[perm[:n_hold]], Y[perm[:n_hold]], X[perm[n_hold:]], Y[perm[n_hold:]]
+    opt = torch.optim.Adam(model.parameters(), lr=args.dynamics_lr)
+    n_train, bs = Xt.shape[0], args.dynamics_batch_size
+
+    @torch.no_grad()
+    def holdout_mse():
+        mean, _ = model(Xh.expand(E, -1, -1))
+        return ((mean - Yh) ** 2).mean(dim=(1, 2))  # [E]
+
+    best = holdout_mse()
+    snapshot = copy.deepcopy(model.state_dict())
+    epoch, stale, steps = 0, 0, 0
+    while True:
+        # each member walks its own permutation of the training set (independent minibatches)
+        idx = torch.argsort(torch.rand(E, n_train, generator=gen), dim=1).to(dev)
+        for i in range(0, n_train, bs):
+            j = idx[:, i: i + bs]  # [E, b]
+            loss, info = dynamics_loss(model, Xt[j], Yt[j])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+        epoch += 1
+        mse = holdout_mse()
+        improved = (best - mse) / best > 0.01  # [E]
+        if improved.any():
+            state = model.state_dict()
+            for k, v in state.items():  # copy the improved members' weights into the snapshot
+                if v.dim() == 3 and v.shape[0] == E:
+                    snapshot[k][improved] = v[improved].clone()
+            best = torch.where(improved, mse, best)
+            stale = 0
+        else:
+            stale += 1
+        if progress is not None:
+            progress(epoch, best, float(info["dynamics_nll"]))
+        if stale >= args.dynamics_patience or (args.dynamics_max_epochs and epoch >= args.dynamics_max_epochs):
+            break
+    # bounds and other shared parameters keep their final values; members their best snapshot
+    state = model.state_dict()
+    for k, v in snapshot.items():
+        if v.dim() == 3 and v.shape[0] == E:
+            state[k].copy_(v)
+    final = holdout_mse()
+    model.elites.copy_(torch.argsort(final)[: args.n_elites])
+    return {"dynamics_epochs": epoch, "dynamics_steps": steps, "holdout_mse": final.tolist(),
+            "elites": model.elites.tolist(), "n_holdout": n_hold}
+
+
+@torch.no_grad()
+def model_rollout(model: DynamicsEnsemble, actor: Actor, start_obs: torch.Tensor, horizon: int,
+                  term_fn: Callable, obs_mean: torch.Tensor, obs_std: torch.Tensor, chunk: int = 25_000) -> dict:
+    """Roll pi in M^ for h steps from normalised start states; every sample uses a random elite at every
+    step; branches stop once they terminate. Returns flat synthetic transitions (normalised obs)."""
+    out = {k: [] for k in ("obs", "act", "rew", "next_obs", "done")}
+    n_el = model.elites.numel()
+    for c in range(0, start_obs.shape[0], chunk):  # chunks bound the memory of a large rollout
+        s = start_obs[c: c + chunk]
+        for _ in range(horizon):
+            if s.shape[0] == 0:
+                break
+            a = actor.sample(s)[0]
+            # random elite per sample at the cost of one member: shuffle the rows and cut them into
+            # n_elites equal groups, each group goes through its own elite in one batched matmul
+            n = s.shape[0]
+            per = -(-n // n_el)  # ceil(n / n_elites) rows per elite; the last group is padded
+            perm = torch.randperm(n, device=s.device)
+            rows = torch.cat([perm, perm[torch.arange(per * n_el - n, device=s.device) % n]])
+            x = torch.cat([s, a], -1)[rows].view(n_el, per, -1)  # [n_elites, per, obs + act]
+            mean, logvar = model(x, members=model.elites)
+            sample = (mean + torch.randn_like(mean) * (0.5 * logvar).exp()).reshape(n_el * per, -1)[:n]
+            pred = torch.empty_like(sample)
+            pred[perm] = sample  # back to the rows' order
+            s2 = s + pred[:, :-1]
+            r = pred[:, -1]
+            done = term_fn(s2 * obs_std + obs_mean)  # termination is defined on raw observations
+            for k, v in zip(out, (s, a, r, s2, done.float())):
+                out[k].append(v)
+            s = s2[~done]
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+class SyntheticBuffer:
+    """FIFO ring buffer of synthetic transitions on the device (keeps the last few rollouts)."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device):
+        self.capacity, self.size, self.ptr = capacity, 0, 0
+        shapes = {"obs": (obs_dim,), "act": (act_dim,), "rew": (), "next_obs": (obs_dim,), "done": ()}
+        self.data = {k: torch.zeros((capacity, *sh), device=device) for k, sh in shapes.items()}
+
+    def add(self, batch: dict):
+        n = min(batch["rew"].shape[0], self.capacity)
+        idx = (self.ptr + torch.arange(n, device=batch["rew"].device)) % self.capacity
+        for k, v in batch.items():
+            self.data[k][idx] = v[-n:]
+        self.ptr, self.size = (self.ptr + n) % self.capacity, min(self.size + n, self.capacity)
+
+    def sample(self, n: int, gen=None):
+        idx = torch.randint(self.size, (n,), device=self.data["rew"].device)
+        return {k: v[idx] for k, v in self.data.items()}
+
+
+@torch.no_grad()
+def evaluate(actor: Actor, env: gym.Env, episodes: int, seed: int, obs_mean, obs_std, device) -> np.ndarray:
+    """Deterministic policy tanh(mu) in the real env, one env, episode k seeded seed + k; raw returns."""
+    returns = []
+    for k in range(episodes):
+        obs, _ = env.reset(seed=seed + k)
+        done, ret = False, 0.0
+        while not done:
+            s = (torch.as_tensor(obs, dtype=torch.float32, device=device) - obs_mean) / obs_std
+            obs, r, term, trunc, _ = env.step(actor.act(s).cpu().numpy())
+            ret += float(r)
+            done = term or trunc
+        returns.append(ret)
+    return np.asarray(returns)
+
+
+# ====================================================================================================
+# 6. Main: train dynamics, then the maximin loop
+# ====================================================================================================
+
+
+def load_dynamics(model: DynamicsEnsemble, path: str, obs_mean, obs_std, info: dict) -> dict:
+    """Load a saved ensemble; it works in normalised coordinates, so it must come from the same data."""
+    try:
+        saved = torch.load(path, map_location=obs_mean.device, weights_only=False)
+        state, mean, std = saved["dynamics"], saved["obs_mean"], saved["obs_std"]
+        model.load_state_dict(state)
+    except Exception as e:
+        raise DamoError(f"--dynamics-path {path}: cannot load a dynamics ensemble from it ({type(e).__name__}: {e})") from None
+    if saved.get("data", {}).get("dataset_ids") != info["dataset_ids"] or not (
+            torch.allclose(mean.to(obs_mean), obs_mean) and torch.allclose(std.to(obs_std), obs_std)):
+        raise DamoError(f"--dynamics-path {path} was trained on {saved.get('data', {}).get('dataset_ids')} "
+                        f"with other normalisation statistics; this run uses {info['dataset_ids']}")
+    return {**saved.get("info", {}), "source": os.path.abspath(path), "elites": model.elites.tolist()}
+
+
+def save_atomic(obj, path: str):
+    """Write to a temporary file, then rename: a kill at any moment leaves the old or the new file."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def package_versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for p in ("torch", "numpy", "gymnasium", "mujoco", "minari"):
+        try:
+            out[p] = md.version(p)
+        except md.PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+class Progress:
+    """A one-line status on stderr, rewritten at most every `every` seconds (no tqdm in the hot loop)."""
+
+    def __init__(self, every: float = 1.0):
+        self.every, self.last = every, 0.0
+
+    def __call__(self, text: str, force: bool = False):
+        now = time.time()
+        if force or now - self.last >= self.every:
+            self.last = now
+            end = "\n" if force else ""
+            print(f"\r{text:<110}", end=end, file=sys.stderr, flush=True)
+
+
+def main(args: Args) -> dict:
+    t_start = time.time()
+    timings = {"data_s": 0.0, "dynamics_s": 0.0, "rollout_s": 0.0, "update_s": 0.0, "eval_s": 0.0}
+    if args.steps_per_epoch % args.log_every and args.log_every % args.steps_per_epoch:
+        raise DamoError("--log-every must divide --steps-per-epoch or be a multiple of it")
+    for name in ("alpha", "beta", "bc_coef"):
+        if getattr(args, name) < 0:
+            raise DamoError(f"--{name.replace('_', '-')} must be >= 0 (0 switches its term off)")
+    if not 0.0 < args.real_ratio <= 1.0:
+        raise DamoError("--real-ratio must be in (0, 1]")
+
+    # --- seeding (CleanRL block) ---
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if device.type == "cpu" and args.threads > 0:
+        torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    # --- 1. data ---
+    t0 = time.time()
+    data, info, env = load_dataset(args.env_id, download=args.download)
+    obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
+    family = info["env_family"]
+    term_fn = termination_fn_for(family, data) if not args.bc else never_terminates
+    # observation normalisation from D, applied to every network input and to the evaluation env
+    obs_mean = torch.as_tensor(data["observations"].mean(0), device=device)
+    obs_std = torch.as_tensor(data["observations"].std(0), device=device).clamp_min(1e-3)
+    D = {  # the offline data, on the device once; batches are index tensors into it
+        "obs": (torch.as_tensor(data["observations"], device=device) - obs_mean) / obs_std,
+        "act": torch.as_tensor(data["actions"], device=device),
+        "rew": torch.as_tensor(data["rewards"], device=device),
+        "next_obs": (torch.as_tensor(data["next_observations"], device=device) - obs_mean) / obs_std,
+        "done": torch.as_tensor(data["terminals"], device=device),
+    }
+    N = D["rew"].shape[0]
+    timings["data_s"] = time.time() - t0
+
+    # --- run folder and loggers ---
+    run_name = args.run_name or f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.runs_dir, run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    config = {"args": asdict(args), "data": info, "device": str(device), "versions": package_versions()}
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=config, name=run_name, save_code=True)
+    eval_file = open(os.path.join(run_dir, "eval.csv"), "w", newline="")
+    eval_csv = csv.writer(eval_file)
+    eval_csv.writerow(["global_step", "epoch", "return_mean", "return_std", "normalized_score",
+                       "normalized_score_std", "wall_time_s"])
+    eval_file.flush()
+    print(f"run {run_dir}: {info['dataset_ids']} ({N} transitions, {info['n_episodes']} episodes), "
+          f"eval env {info['eval_env_id']}, scores: {info['ref_source']}, device {device}", file=sys.stderr)
+
+    # --- networks ---
+    actor = Actor(obs_dim, act_dim, args.hidden).to(device)
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr)
+    dynamics = disc = critic = None
+    if not args.bc:
+        dynamics = DynamicsEnsemble(obs_dim, act_dim, args.n_ensemble, args.dynamics_hidden, args.n_elites).to(device)
+        disc = Discriminator(obs_dim, act_dim, args.disc_hidden).to(device)
+        disc_opt = torch.optim.Adam(disc.parameters(), lr=args.disc_lr)
+        critic = CriticEnsemble(obs_dim, act_dim, args.hidden, args.n_critics).to(device)
+        critic_target = copy.deepcopy(critic).requires_grad_(False)
+        critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
+        log_alpha_ent = torch.zeros((), device=device, requires_grad=True)
+        alpha_ent_opt = torch.optim.Adam([log_alpha_ent], lr=args.alpha_ent_lr)
+        target_entropy = -float(act_dim)
+
+    def checkpoint(step: int):
+        save_atomic({
+            "args": asdict(args), "data": info, "global_step": step, "obs_mean": obs_mean.cpu(), "obs_std": obs_std.cpu(),
+            "actor": actor.state_dict(),
+            "dynamics": dynamics.state_dict() if dynamics is not None else None,
+            "discriminator": disc.state_dict() if disc is not None else None,
+            "critic": critic.state_dict() if critic is not None else None,
+            "critic_target": critic_target.state_dict() if critic is not None else None,
+            "log_alpha_ent": log_alpha_ent.detach().cpu() if critic is not None else None,
+        }, os.path.join(run_dir, "checkpoint.pt"))
+
+    status = Progress()
+    dyn_info = {}
+    # --- 2. dynamics ensemble on D (Eq. 9), or a saved one ---
+    if not args.bc and args.dynamics_path:
+        dyn_info = load_dynamics(dynamics, args.dynamics_path, obs_mean, obs_std, info)
+        status(f"dynamics: loaded {args.dynamics_path}, elites {dyn_info['elites']}", force=True)
+    elif not args.bc:
+        t0 = time.time()
+        X = torch.cat([D["obs"], D["act"]], -1)  # [N, obs + act]
+        Y = torch.cat([D["next_obs"] - D["obs"], D["rew"][:, None]], -1)  # [N, obs + 1]: (s' - s, r)
+
+        def dyn_progress(epoch, best, nll):
+            status(f"dynamics epoch {epoch}: holdout mse best {best.min():.4f}..{best.max():.4f}, nll {nll:.3f}, "
+                   f"{time.time() - t0:.0f}s")
+
+        dyn_info = train_dynamics(dynamics, X, Y, args, gen, dyn_progress)
+        dyn_info["source"] = "trained"
+        timings["dynamics_s"] = time.time() - t0
+        status(f"dynamics: {dyn_info['dynamics_epochs']} epochs, elites {dyn_info['elites']}, holdout mse "
+               f"{np.mean(dyn_info['holdout_mse']):.4f}, {timings['dynamics_s']:.0f}s", force=True)
+        for k, v in enumerate(dyn_info["holdout_mse"]):
+            writer.add_scalar("diagnostics/dynamics_holdout_mse", v, k)
+        save_atomic({"dynamics": dynamics.state_dict(), "obs_mean": obs_mean.cpu(), "obs_std": obs_std.cpu(),
+                     "data": info, "info": dyn_info}, os.path.join(run_dir, "dynamics.pt"))
+    if not args.bc:
+        synthetic = SyntheticBuffer(args.rollout_batch_size * args.rollout_length * args.model_retain_rollouts,
+                                    obs_dim, act_dim, device)
+
+    # --- 3. the maximin loop ---
+    n_real = max(1, int(round(args.batch_size * args.real_ratio))) if not args.bc else args.batch_size
+    n_syn = args.batch_size - n_real
+    own_offline = n_real < args.batch_size // 2  # few offline rows in B: draw a separate offline batch
+    half = args.batch_size // 2
+    is_syn = torch.cat([torch.zeros(n_real, device=device), torch.ones(n_syn, device=device)])
+    total_steps = args.epochs * args.steps_per_epoch
+    scores, returns_hist, last_returns = [], [], None
+    t_train, info_log, global_step = time.time(), {}, 0
+    for global_step in range(1, total_steps + 1):
+        t0 = time.time()
+        if not args.bc and (global_step - 1) % args.rollout_freq == 0:
+            start = D["obs"][torch.randint(N, (args.rollout_batch_size,), device=device)]
+            roll = model_rollout(dynamics, actor, start, args.rollout_length, term_fn, obs_mean, obs_std)
+            synthetic.add(roll)
+            timings["rollout_s"] += time.time() - t0
+            rollout_info = {"rollout_transitions": roll["rew"].shape[0], "rollout_reward": roll["rew"].mean(),
+                            "rollout_done_rate": roll["done"].mean()}
+            t0 = time.time()
+
+        off = {k: v[torch.randint(N, (n_real,), device=device)] for k, v in D.items()}
+        if args.bc:
+            loss, info_log = bc_loss(actor, off["obs"], off["act"])
+            actor_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            actor_opt.step()
+        else:
+            # discriminator step on a balanced batch: offline (label 1) vs synthetic (label 0), Eq. 3
+            if args.beta > 0:
+                d_off = {k: v[torch.randint(N, (half,), device=device)] for k, v in D.items()}
+                d_syn = synthetic.sample(half)
+                loss_d, info_d = discriminator_loss(disc, (d_off["obs"], d_off["act"], d_off["next_obs"]),
+                                                    (d_syn["obs"], d_syn["act"], d_syn["next_obs"]))
+                disc_opt.zero_grad(set_to_none=True)
+                loss_d.backward()
+                disc_opt.step()
+            else:
+                info_d = {}
+            # B = n_real offline rows, then n_syn synthetic rows
+            syn = synthetic.sample(n_syn)
+            batch = {k: torch.cat([off[k], syn[k]]) for k in off}
+            # Eq. 4: corrected reward on the synthetic rows
+            batch["rew"], bonus = corrected_reward(disc, batch["obs"], batch["act"], batch["rew"], batch["next_obs"],
+                                                   is_syn, args.beta, args.logit_clip)
+            offline = {k: v[torch.randint(N, (args.batch_size,), device=device)] for k, v in D.items()} if own_offline else None
+            loss_q, info_q = critic_loss(critic, critic_target, actor, log_alpha_ent, batch, n_real, offline,
+                                         args.alpha, args.gamma)
+            critic_opt.zero_grad(set_to_none=True)
+            loss_q.backward()
+            critic_opt.step()
+            s_bc = offline if offline is not None else off
+            loss_pi, info_pi, logp = actor_loss(critic, actor, log_alpha_ent, batch["obs"], s_bc["obs"], s_bc["act"],
+                                                args.alpha, args.bc_coef)
+            actor_opt.zero_grad(set_to_none=True)
+            loss_pi.backward()
+            actor_opt.step()
+            loss_a, info_a = alpha_loss(log_alpha_ent, logp, target_entropy)
+            alpha_ent_opt.zero_grad(set_to_none=True)
+            loss_a.backward()
+            alpha_ent_opt.step()
+            with torch.no_grad():  # Polyak averaging of the target critics, in place
+                torch._foreach_lerp_(list(critic_target.parameters()), list(critic.parameters()), args.tau)
+            info_log = {**info_d, **info_q, **info_pi, **info_a, "reward_bonus_synthetic": bonus[n_real:].mean()
+                        if n_syn else bonus.sum()}
+        timings["update_s"] += time.time() - t0
+
+        # --- logging: the only host syncs of the loop ---
+        if global_step % args.log_every == 0:
+            values = {k: float(v) for k, v in info_log.items()}
+            for k, v in values.items():
+                if not math.isfinite(v):
+                    eval_file.close()
+                    writer.close()
+                    raise DamoError(f"non-finite {k} = {v} at gradient step {global_step}; the run stopped "
+                                    f"(files so far are in {run_dir}). Try a smaller learning rate or alpha.")
+                writer.add_scalar(("diagnostics/" if k.startswith(("disc_", "q_", "target_", "conservative",
+                                   "reward_", "entropy", "alpha_ent")) and not k.endswith("loss") else "losses/") + k,
+                                  v, global_step)
+            if not args.bc:
+                for k, v in rollout_info.items():
+                    writer.add_scalar(f"diagnostics/{k}", float(v), global_step)
+            sps = global_step / max(timings["update_s"] + timings["rollout_s"], 1e-9)
+            writer.add_scalar("charts/SPS", sps, global_step)
+
+        # --- evaluation closes each epoch ---
+        if global_step % args.steps_per_epoch == 0:
+            t0 = time.time()
+            epoch = global_step // args.steps_per_epoch
+            actor.eval()
+            rets = evaluate(actor, env, args.eval_episodes, args.seed + 10_000, obs_mean, obs_std, device)
+            actor.train()
+            timings["eval_s"] += time.time() - t0
+            norm = normalized_score(rets, info)
+            scores.append(float(norm.mean()))
+            returns_hist.append(float(rets.mean()))
+            last_returns = rets
+            eval_csv.writerow([global_step, epoch, f"{rets.mean():.4f}", f"{rets.std():.4f}", f"{norm.mean():.4f}",
+                               f"{norm.std():.4f}", f"{time.time() - t_start:.2f}"])
+            eval_file.flush()
+            writer.add_scalar("charts/return_mean", rets.mean(), global_step)
+            writer.add_scalar("charts/normalized_score", norm.mean(), global_step)
+            checkpoint(global_step)
+            sps = global_step / max(timings["update_s"] + timings["rollout_s"], 1e-9)
+            status(f"epoch {epoch}/{args.epochs} step {global_step}: return {rets.mean():.1f} +- {rets.std():.1f}, "
+                   f"score {norm.mean():.1f}, {sps:.0f} steps/s", force=True)
+        elif global_step % 100 == 0:
+            sps = global_step / max(timings["update_s"] + timings["rollout_s"], 1e-9)
+            last = f"{scores[-1]:.1f}" if scores else "-"
+            status(f"step {global_step}/{total_steps}, {sps:.0f} steps/s, last score {last}")
+
+    eval_file.close()
+    writer.close()
+    train_s = timings["update_s"] + timings["rollout_s"]
+    results = {
+        "env_id": args.env_id, "dataset_ids": info["dataset_ids"], "seed": args.seed,
+        "variant": "bc" if args.bc else f"damo(alpha={args.alpha},beta={args.beta},eta={args.bc_coef})",
+        "global_steps": global_step, "eval_episodes": args.eval_episodes,
+        "final_normalized_score": scores[-1] if scores else None,
+        "last10_normalized_score": float(np.mean(scores[-10:])) if scores else None,
+        "final_return_mean": returns_hist[-1] if returns_hist else None,
+        "last10_return_mean": float(np.mean(returns_hist[-10:])) if returns_hist else None,
+        "final_returns": last_returns.tolist() if last_returns is not None else None,
+        "score_reference": info["ref_source"],
+        "gradient_steps_per_s": global_step / max(train_s, 1e-9),
+        "wall_time_s": {**timings, "total_s": time.time() - t_start},
+        "dynamics": dyn_info, "device": str(device), "versions": package_versions(),
+    }
+    with open(os.path.join(run_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(json.dumps({k: results[k] for k in ("final_normalized_score", "last10_normalized_score",
+                                              "final_return_mean", "gradient_steps_per_s")}))
+    return results
+
+
+if __name__ == "__main__":
+    import tyro
+
+    try:
+        main(tyro.cli(Args))
+    except DamoError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: eval.csv and the last checkpoint in the run folder are kept", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,128 @@
+"""Build a real Minari dataset locally by rolling a behaviour policy in the real MuJoCo environment.
+
+Why this file exists: Minari's hosted MuJoCo datasets need a network. To test and benchmark damo.py
+without one, we roll one of the carried Hopper-v5 behaviour policies (`assets/policies/`, SAC
+policies trained online in the real Hopper-v5; see README "Local data") and write the episodes with
+Minari's own API (`create_dataset_from_buffers`, no jax needed), under `MINARI_DATASETS_PATH`, named
+like the hosted ids. damo.py then loads them with exactly the code it uses for downloaded data.
+
+    MINARI_DATASETS_PATH=$PWD/data python make_dataset.py --policy assets/policies/hopper-medium.npz \
+        --dataset-id mujoco/hopper/medium-v0 --steps 100000 --seed 0
+
+Like Minari's generation scripts, actions are *sampled* from the policy (not its mean) unless
+`--deterministic` is given; that choice changes the data's return and coverage, so it is recorded
+in the dataset's description.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+
+
+@dataclass
+class Args:
+    policy: str = "assets/policies/hopper-medium.npz"
+    """behaviour policy weights (.npz with W1,b1,W2,b2,Wmu,bmu,Wls,bls; layout in README)"""
+    dataset_id: str = "mujoco/hopper/medium-v0"
+    """Minari id to write under MINARI_DATASETS_PATH (named like the hosted one)"""
+    env_id: str = "Hopper-v5"
+    """Gymnasium environment the policy is rolled in"""
+    steps: int = 100_000
+    """number of environment steps (the last episode is cut at this many, truncated)"""
+    seed: int = 0
+    """seed of the first episode's reset and of the action noise (episode k resets with seed + k)"""
+    deterministic: bool = False
+    """use the policy's mean action tanh(mu) instead of a sample (Minari samples)"""
+    overwrite: bool = False
+    """delete an existing dataset of the same id first"""
+
+
+class NumpyPolicy:
+    """The behaviour policies' tanh-Gaussian MLP (256-256 ReLU), evaluated with numpy."""
+
+    def __init__(self, path: str, deterministic: bool, rng: np.random.Generator):
+        w = np.load(path)
+        self.p = {k: w[k].astype(np.float64) for k in w.files}
+        self.deterministic, self.rng = deterministic, rng
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        p = self.p
+        h = np.maximum(np.maximum(obs @ p["W1"] + p["b1"], 0) @ p["W2"] + p["b2"], 0)
+        mu = h @ p["Wmu"] + p["bmu"]
+        if self.deterministic:
+            return np.tanh(mu)
+        log_std = -5 + 3.5 * (np.tanh(h @ p["Wls"] + p["bls"]) + 1)  # in [-5, 2]
+        return np.tanh(mu + np.exp(log_std) * self.rng.standard_normal(mu.shape))
+
+
+def rollout_episodes(env: gym.Env, policy, steps: int, seed: int):
+    """Roll `policy` for `steps` env steps; return Minari EpisodeBuffers and the episode returns."""
+    from minari.data_collector import EpisodeBuffer
+
+    buffers, returns, total, k = [], [], 0, 0
+    while total < steps:
+        obs, _ = env.reset(seed=seed + k)
+        observations, actions, rewards, terms, truncs = [obs], [], [], [], []
+        while True:
+            act = policy(obs).astype(np.float32)
+            obs, rew, term, trunc, _ = env.step(act)
+            total += 1
+            trunc = trunc or total >= steps  # the step budget ends an episode like a time limit
+            observations.append(obs), actions.append(act), rewards.append(rew)
+            terms.append(term), truncs.append(trunc)
+            if term or trunc:
+                break
+        buffers.append(
+            EpisodeBuffer(
+                id=k, seed=seed + k,
+                observations=np.asarray(observations, dtype=np.float64),  # [T+1, obs_dim]
+                actions=np.asarray(actions, dtype=np.float32),  # [T, act_dim]
+                rewards=np.asarray(rewards, dtype=np.float64),
+                terminations=np.asarray(terms, dtype=bool),
+                truncations=np.asarray(truncs, dtype=bool),
+            )
+        )
+        returns.append(float(np.sum(rewards)))
+        k += 1
+    return buffers, np.asarray(returns)
+
+
+def make_dataset(args: Args):
+    import minari
+
+    if args.overwrite:
+        try:
+            minari.delete_dataset(args.dataset_id)
+        except (FileNotFoundError, ValueError):
+            pass
+    env = gym.make(args.env_id)
+    policy = NumpyPolicy(args.policy, args.deterministic, np.random.default_rng(args.seed))
+    t0 = time.time()
+    buffers, returns = rollout_episodes(env, policy, args.steps, args.seed)
+    mode = "mean action tanh(mu)" if args.deterministic else "sampled actions"
+    dataset = minari.create_dataset_from_buffers(
+        dataset_id=args.dataset_id,
+        buffer=buffers,
+        env=args.env_id,
+        algorithm_name="SAC behaviour policy (damo make_dataset.py)",
+        author="damo",
+        description=f"{args.steps} steps of {os.path.basename(args.policy)} in {args.env_id}, {mode}, seed {args.seed}. "
+        "Made locally by damo's make_dataset.py; not the hosted Minari dataset.",
+    )
+    print(
+        f"wrote {args.dataset_id}: {dataset.total_steps} steps, {dataset.total_episodes} episodes, "
+        f"return {returns.mean():.1f} +- {returns.std():.1f} ({mode}), {time.time() - t0:.0f}s, "
+        f"under {minari.storage.get_dataset_path()}"
+    )
+    return dataset, returns
+
+
+if __name__ == "__main__":
+    import tyro
+
+    make_dataset(tyro.cli(Args))

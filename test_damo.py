@@ -1,0 +1,409 @@
+"""Tests for damo.py. Run: pytest -q test_damo.py
+
+No network and nothing outside this folder is needed: a real Minari dataset is built in the test
+session by rolling the carried Hopper-v5 behaviour policies (assets/policies/) in the real MuJoCo
+env and writing the episodes with Minari's own API, under a temporary MINARI_DATASETS_PATH.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import damo
+import make_dataset
+
+HERE = Path(__file__).resolve().parent
+POLICIES = HERE / "assets" / "policies"
+# Any download attempt goes to a closed local port: the tests behave the same with or without network.
+OFFLINE_ENV = {"HF_ENDPOINT": "http://127.0.0.1:9", "MINARI_REMOTE": "hf://farama-minari"}
+
+
+def build(dataset_id: str, policy: str, steps: int, seed: int):
+    return make_dataset.make_dataset(make_dataset.Args(policy=str(POLICIES / policy), dataset_id=dataset_id,
+                                                       steps=steps, seed=seed))
+
+
+@pytest.fixture(scope="session")
+def minari_root(tmp_path_factory):
+    """mujoco/hopper/{medium,expert}-v0 made locally from the real Hopper-v5 behaviour policies."""
+    root = tmp_path_factory.mktemp("minari")
+    old = {k: os.environ.get(k) for k in ("MINARI_DATASETS_PATH", *OFFLINE_ENV)}
+    os.environ.update({"MINARI_DATASETS_PATH": str(root), **OFFLINE_ENV})
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build("mujoco/hopper/medium-v0", "hopper-medium.npz", 8000, 0)
+        build("mujoco/hopper/expert-v0", "hopper-expert.npz", 4000, 1)
+    yield root
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def run_cli(args: list[str], root, timeout=600):
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(root), **OFFLINE_ENV, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, str(HERE / "damo.py"), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=HERE)
+
+
+TINY = ["--epochs", "2", "--steps-per-epoch", "100", "--log-every", "50", "--rollout-freq", "50",
+        "--rollout-batch-size", "500", "--rollout-length", "3", "--dynamics-max-epochs", "2",
+        "--eval-episodes", "2", "--threads", "1"]
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------------
+
+
+def test_load_dataset_combines_medium_expert(minari_root):
+    data, info, env = damo.load_dataset("hopper-medium-expert", download=False)
+    assert info["dataset_ids"] == ["mujoco/hopper/medium-v0", "mujoco/hopper/expert-v0"]
+    assert info["n_transitions"] == 12000 == len(data["rewards"])
+    assert data["observations"].shape == (12000, 11) and data["actions"].shape == (12000, 3)
+    assert env.spec.id == "Hopper-v5"
+    # bootstrap mask = terminations: every terminal row is a real fall of Hopper-v5
+    term = data["terminals"].astype(bool)
+    assert term.any()
+    assert damo.hopper_termination(torch.as_tensor(data["next_observations"][term])).all()
+    # next_observations continue the episode: s'_t == s_{t+1} wherever the episode did not end
+    inside = np.flatnonzero(~term[:-1])[:200]
+    cont = [i for i in inside if np.allclose(data["next_observations"][i], data["observations"][i + 1])]
+    assert len(cont) >= 190  # all but the few episode boundaries that are truncations
+    # D4RL reference returns, labelled approximate on v5 data
+    assert "approximate" in info["ref_source"]
+    assert damo.normalized_score(3234.3, info) == pytest.approx(100.0)
+
+
+def test_newest_local_version_is_resolved(minari_root):
+    assert damo.resolve_minari_id("mujoco/hopper/medium", download=False) == "mujoco/hopper/medium-v0"
+    assert damo.resolve_minari_id("mujoco/hopper/medium-v3", download=False) == "mujoco/hopper/medium-v3"
+    with pytest.raises(damo.DamoError, match="not found"):
+        damo.resolve_minari_id("mujoco/hopper/simple", download=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# dynamics ensemble
+# --------------------------------------------------------------------------------------------------
+
+
+def test_ensemble_linear_equals_per_member():
+    torch.manual_seed(0)
+    layer = damo.EnsembleLinear(4, 6, 5)
+    x = torch.randn(4, 9, 6)
+    out = layer(x)
+    for e in range(4):
+        ref = torch.nn.functional.linear(x[e], layer.weight[e].T, layer.bias[e, 0])
+        assert torch.allclose(out[e], ref, atol=1e-6)
+    members = torch.tensor([3, 1])
+    assert torch.allclose(layer(x[[3, 1]], members), out[[3, 1]], atol=1e-6)
+
+
+def test_logvar_stays_within_bounds():
+    torch.manual_seed(0)
+    model = damo.DynamicsEnsemble(11, 3, 7, 32, 5)
+    x = torch.randn(7, 64, 14) * 1e3  # extreme inputs push the raw log-variance far out
+    _, logvar = model(x)
+    # the soft clamp (MOPO's) can overshoot the upper bound by log(1 + exp(-(max - min))) ~ 3e-5 at most
+    assert (logvar <= model.max_logvar + 1e-4).all() and (logvar >= model.min_logvar).all()
+    assert logvar.max() > 0.49 and logvar.min() < -9.9  # the inputs did reach both bounds
+
+
+def test_dynamics_learns_real_hopper_transitions(minari_root):
+    data, info, _ = damo.load_dataset("mujoco/hopper/medium-v0", download=False)
+    torch.manual_seed(0)
+    mean, std = data["observations"].mean(0), data["observations"].std(0) + 1e-3
+    s = torch.as_tensor((data["observations"] - mean) / std)
+    s2 = torch.as_tensor((data["next_observations"] - mean) / std)
+    X = torch.cat([s, torch.as_tensor(data["actions"])], -1)
+    Y = torch.cat([s2 - s, torch.as_tensor(data["rewards"])[:, None]], -1)
+    # train on the first 7000 transitions (episodes in order), test on the last 1000: unseen episodes
+    args = damo.Args(dynamics_max_epochs=30)  # the reward head needs ~30 epochs here (15 left it at 0.6 x var)
+    model = damo.DynamicsEnsemble(11, 3, 7, 200, 5)
+    out = damo.train_dynamics(model, X[:7000], Y[:7000], args, torch.Generator().manual_seed(0))
+    # elites are the members with the lowest holdout error
+    assert sorted(out["elites"]) == sorted(np.argsort(out["holdout_mse"])[:5].tolist())
+    assert model.elites.tolist() == out["elites"]
+    with torch.no_grad():
+        pred, _ = model(X[7000:].expand(7, -1, -1))
+    err = ((pred[model.elites].mean(0)[:, :-1] - Y[7000:, :-1]) ** 2).mean()
+    no_change = (Y[7000:, :-1] ** 2).mean()  # predicting s' = s
+    assert err < 0.2 * no_change, (float(err), float(no_change))
+    reward_err = ((pred[model.elites].mean(0)[:, -1] - Y[7000:, -1]) ** 2).mean()
+    assert reward_err < 0.2 * Y[7000:, -1].var()
+
+
+@pytest.mark.parametrize("env_id,fn", [("Hopper-v5", damo.hopper_termination),
+                                        ("Walker2d-v5", damo.walker2d_termination),
+                                        ("HalfCheetah-v5", damo.never_terminates)])
+def test_termination_fn_matches_real_env(env_id, fn):
+    """Random and biased actions make the robot fall within a few dozen steps: many true terminations."""
+    env = gym.make(env_id)
+    rng = np.random.default_rng(0)
+    next_obs, terms = [], []
+    for ep in range(40):
+        obs, _ = env.reset(seed=ep)
+        bias = rng.uniform(-1, 1, env.action_space.shape) * (ep % 2)
+        for t in range(300):
+            obs, _, term, trunc, _ = env.step(np.clip(rng.uniform(-1, 1, env.action_space.shape) + bias, -1, 1))
+            next_obs.append(obs), terms.append(term)
+            if term or trunc:
+                break
+    pred = fn(torch.as_tensor(np.array(next_obs), dtype=torch.float64)).numpy()
+    terms = np.array(terms)
+    assert (pred == terms).all(), f"{(pred != terms).sum()} disagreements"
+    if env_id != "HalfCheetah-v5":
+        assert terms.sum() >= 20  # falls were covered
+
+
+# --------------------------------------------------------------------------------------------------
+# discriminator and the losses
+# --------------------------------------------------------------------------------------------------
+
+
+def test_discriminator_separates_shifted_synthetic_data(minari_root):
+    data, _, _ = damo.load_dataset("mujoco/hopper/medium-v0", download=False)
+    torch.manual_seed(0)
+    mean, std = data["observations"].mean(0), data["observations"].std(0) + 1e-3
+    s = torch.as_tensor((data["observations"] - mean) / std)
+    a = torch.as_tensor(data["actions"])
+    s2 = torch.as_tensor((data["next_observations"] - mean) / std)
+    # "synthetic" = the same states with a model error: s' shifted by half a std in a few dimensions
+    shift = torch.zeros(11)
+    shift[[0, 5, 7]] = 0.5
+    disc = damo.Discriminator(11, 3, 64)
+    opt = torch.optim.Adam(disc.parameters(), lr=1e-3)
+    n = len(s) - 1000
+    for _ in range(600):
+        i, j = torch.randint(n, (128,)), torch.randint(n, (128,))
+        loss, _ = damo.discriminator_loss(disc, (s[i], a[i], s2[i]), (s[j], a[j], s2[j] + shift))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    h = slice(n, None)  # held-out transitions
+    _, info = damo.discriminator_loss(disc, (s[h], a[h], s2[h]), (s[h], a[h], s2[h] + shift))
+    assert info["disc_acc"] > 0.85
+    assert info["disc_p_offline"] > 0.7 > 0.3 > info["disc_p_synthetic"]
+    # Eq. 4: the corrected reward is lower on shifted synthetic rows than on offline-like ones
+    r = torch.ones(len(s[h]))
+    syn = torch.ones(len(r))
+    r_off, _ = damo.corrected_reward(disc, s[h], a[h], r, s2[h], syn, beta=0.1, clip=5.0)
+    r_syn, b_syn = damo.corrected_reward(disc, s[h], a[h], r, s2[h] + shift, syn, beta=0.1, clip=5.0)
+    assert r_syn.mean() < 1.0 < r_off.mean()
+    assert b_syn.abs().max() <= 0.5 + 1e-6  # beta * c bounds the correction
+    # offline rows keep their reward; beta = 0 removes the correction
+    assert torch.equal(damo.corrected_reward(disc, s[h], a[h], r, s2[h] + shift, torch.zeros(len(r)), 0.1, 5.0)[0], r)
+    assert torch.equal(damo.corrected_reward(disc, s[h], a[h], r, s2[h] + shift, syn, 0.0, 5.0)[0], r)
+
+
+def _small_batch(seed=0, B=8, obs_dim=4, act_dim=2):
+    g = torch.Generator().manual_seed(seed)
+    return {"obs": torch.randn(B, obs_dim, generator=g), "act": torch.rand(B, act_dim, generator=g) * 2 - 1,
+            "rew": torch.randn(B, generator=g), "next_obs": torch.randn(B, obs_dim, generator=g),
+            "done": (torch.rand(B, generator=g) < 0.3).float()}
+
+
+@pytest.mark.parametrize("alpha", [0.0, 2.5])
+def test_critic_loss_matches_hand_computation(alpha):
+    torch.manual_seed(0)
+    critic, actor = damo.CriticEnsemble(4, 2, 16, 2), damo.Actor(4, 2, 16)
+    target = copy.deepcopy(critic)
+    for p in target.parameters():
+        p.data.add_(0.1)
+    log_alpha_ent = torch.tensor(-1.0)
+    batch, n_real, gamma = _small_batch(), 3, 0.9
+
+    def q_j(j, s, a):  # the j-th critic by hand, from its weights
+        h = torch.relu(torch.cat([s, a], -1) @ critic.l1.weight[j] + critic.l1.bias[j])
+        h = torch.relu(h @ critic.l2.weight[j] + critic.l2.bias[j])
+        return (h @ critic.l3.weight[j] + critic.l3.bias[j]).squeeze(-1)
+
+    torch.manual_seed(1)
+    loss, info = damo.critic_loss(critic, target, actor, log_alpha_ent, batch, n_real, None, alpha, gamma)
+    torch.manual_seed(1)  # same samples: a' ~ pi(s') first, then a ~ pi(s)
+    a2, logp2 = actor.sample(batch["next_obs"])
+    a_pi = actor.sample(batch["obs"])[0]
+    with torch.no_grad():
+        v2 = torch.minimum(*target(batch["next_obs"], a2)) - math.exp(-1.0) * logp2
+        y = batch["rew"] + gamma * (1 - batch["done"]) * v2
+    s, a = batch["obs"], batch["act"]
+    expected = 0.0
+    for j in range(2):
+        q = q_j(j, s, a)
+        expected = expected + 0.5 * ((y - q) ** 2).mean()
+        expected = expected + alpha * (q_j(j, s, a_pi.detach()).mean() - q[:n_real].mean())
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    if alpha == 0:
+        assert info["conservative_gap"].item() == 0.0
+
+
+def test_critic_loss_with_separate_offline_batch():
+    torch.manual_seed(0)
+    critic, actor = damo.CriticEnsemble(4, 2, 16, 2), damo.Actor(4, 2, 16)
+    batch, offline = _small_batch(0), _small_batch(5)
+    torch.manual_seed(1)
+    loss, info = damo.critic_loss(critic, critic, actor, torch.tensor(0.0), batch, 1, offline, 1.0, 0.9)
+    torch.manual_seed(1)
+    actor.sample(batch["next_obs"])
+    a_pi = actor.sample(batch["obs"])[0]
+    gap = (critic(batch["obs"], a_pi).mean(1) - critic(offline["obs"], offline["act"]).mean(1)).mean()
+    assert info["conservative_gap"].item() == pytest.approx(gap.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("alpha,bc_coef", [(0.0, 0.2), (5.0, 0.0), (5.0, 0.2)])
+def test_actor_loss_matches_hand_computation(alpha, bc_coef):
+    torch.manual_seed(0)
+    critic, actor = damo.CriticEnsemble(4, 2, 16, 2), damo.Actor(4, 2, 16)
+    log_alpha_ent = torch.tensor(-0.5)
+    b = _small_batch()
+    torch.manual_seed(3)
+    loss, info, logp = damo.actor_loss(critic, actor, log_alpha_ent, b["obs"], b["obs"][:3], b["act"][:3], alpha, bc_coef)
+    torch.manual_seed(3)
+    a, logp_ref = actor.sample(b["obs"])
+    q = critic(b["obs"], a).min(0).values
+    sac = (math.exp(-0.5) * logp_ref - q).mean()
+    if alpha * bc_coef > 0:
+        bc = ((torch.tanh(actor(b["obs"][:3])[0]) - b["act"][:3]) ** 2).sum(-1).mean()
+        expected = sac / q.abs().mean() + alpha * bc_coef * bc
+    else:
+        expected = sac  # exactly Eq. 7: alpha = 0 ("w/o ir") removes the behaviour term too
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.allclose(logp, logp_ref)
+
+
+def test_tanh_gaussian_log_prob_is_a_density():
+    """log pi(a|s) of Actor.sample integrates to 1 over the action box (1-D action, numerical check)."""
+    torch.manual_seed(0)
+    actor = damo.Actor(3, 1, 8)
+    s = torch.randn(1, 3)
+    mu, log_std = actor(s)
+    a = torch.linspace(-0.9999, 0.9999, 200001)[:, None]
+    u = torch.atanh(a)
+    normal = torch.distributions.Normal(mu[0], log_std[0].exp())
+    dens = (normal.log_prob(u) - torch.log(1 - a ** 2)).exp().squeeze()
+    assert torch.trapezoid(dens, a.squeeze()).item() == pytest.approx(1.0, abs=2e-2)
+    # and sample() agrees with that density at its own samples
+    torch.manual_seed(1)
+    a_s, logp = actor.sample(s.expand(5, -1))
+    ref = normal.log_prob(torch.atanh(a_s)) - torch.log(1 - a_s ** 2)
+    assert torch.allclose(logp, ref.squeeze(-1), atol=1e-3)
+
+
+def test_model_rollout_uses_elites_and_stops_terminated_branches():
+    torch.manual_seed(0)
+    model = damo.DynamicsEnsemble(11, 3, 7, 16, 5)
+    model.elites.copy_(torch.tensor([0, 2, 3, 5, 6]))
+    actor = damo.Actor(11, 3, 16)
+    mean, std = torch.zeros(11), torch.ones(11)
+    start = torch.zeros(1000, 11)
+    start[:, 0] = 1.2  # healthy hopper height
+    out = damo.model_rollout(model, actor, start, 3, damo.hopper_termination, mean, std, chunk=300)
+    n = out["rew"].shape[0]
+    assert all(v.shape[0] == n for v in out.values()) and 1000 <= n <= 3000
+    # a terminated branch never appears again: rows after step 1 all start from non-terminal states
+    assert not damo.hopper_termination(out["obs"][1000:] * std + mean).any()
+    assert torch.equal(out["done"].bool(), damo.hopper_termination(out["next_obs"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# the CLI, end to end, and bad input
+# --------------------------------------------------------------------------------------------------
+
+
+def test_cli_end_to_end(minari_root, tmp_path):
+    p = run_cli(["--env-id", "hopper-medium-expert", "--seed", "3", "--runs-dir", str(tmp_path), "--run-name", "e2e",
+                 "--no-download", *TINY], minari_root)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = tmp_path / "e2e"
+    rows = list(csv.DictReader(open(run / "eval.csv")))
+    assert [int(r["global_step"]) for r in rows] == [100, 200] and [int(r["epoch"]) for r in rows] == [1, 2]
+    for r in rows:
+        assert all(math.isfinite(float(r[k])) for k in ("return_mean", "return_std", "normalized_score"))
+        assert float(r["return_mean"]) > -100
+    res = json.load(open(run / "results.json"))
+    assert res["global_steps"] == 200 and res["eval_episodes"] == 2 and res["seed"] == 3
+    assert res["dataset_ids"] == ["mujoco/hopper/medium-v0", "mujoco/hopper/expert-v0"]
+    assert res["final_normalized_score"] == pytest.approx(float(rows[-1]["normalized_score"]), abs=1e-3)
+    assert res["last10_normalized_score"] == pytest.approx(np.mean([float(r["normalized_score"]) for r in rows]), abs=1e-3)
+    assert len(res["final_returns"]) == 2 and res["gradient_steps_per_s"] > 0
+    assert res["dynamics"]["dynamics_epochs"] == 2 and len(res["dynamics"]["elites"]) == 5
+    assert set(res["wall_time_s"]) >= {"data_s", "dynamics_s", "rollout_s", "update_s", "eval_s", "total_s"}
+    assert torch.__version__.startswith(res["versions"]["torch"].split("+")[0])
+    cfg = json.load(open(run / "config.json"))
+    assert cfg["args"]["seed"] == 3 and cfg["args"]["steps_per_epoch"] == 100 and cfg["args"]["eval_episodes"] == 2
+    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert ck["global_step"] == 200
+    assert ck["obs_mean"].shape == (11,) and torch.isfinite(ck["obs_std"]).all() and (ck["obs_std"] > 0).all()
+    for k in ("actor", "dynamics", "discriminator", "critic", "critic_target"):
+        assert all(torch.isfinite(v).all() for v in ck[k].values()), k
+    # the checkpoint's actor reproduces the logged evaluation
+    actor = damo.Actor(11, 3, 256)
+    actor.load_state_dict(ck["actor"])
+    rets = damo.evaluate(actor, gym.make("Hopper-v5"), 2, 3 + 10_000, ck["obs_mean"], ck["obs_std"], "cpu")
+    assert rets.mean() == pytest.approx(float(rows[-1]["return_mean"]), rel=1e-3)
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(run))
+    # the saved ensemble is reused by --dynamics-path: not retrained, and the run records its source
+    p = run_cli(["--env-id", "hopper-medium-expert", "--runs-dir", str(tmp_path), "--run-name", "reuse", "--no-download",
+                 *TINY, "--epochs", "1", "--dynamics-path", str(run / "dynamics.pt")], minari_root)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res2 = json.load(open(tmp_path / "reuse" / "results.json"))
+    assert res2["dynamics"]["source"] == str(run / "dynamics.pt") and res2["wall_time_s"]["dynamics_s"] == 0
+    ck2 = torch.load(tmp_path / "reuse" / "checkpoint.pt", weights_only=False)
+    saved = torch.load(run / "dynamics.pt", weights_only=False)["dynamics"]
+    assert all(torch.equal(ck2["dynamics"][k], v) for k, v in saved.items())
+
+
+def test_cli_bc_and_ablation_flags(minari_root, tmp_path):
+    p = run_cli(["--env-id", "mujoco/hopper/medium-v0", "--bc", "--runs-dir", str(tmp_path), "--run-name", "bc",
+                 "--no-download", *TINY], minari_root)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.load(open(tmp_path / "bc" / "results.json"))
+    assert res["variant"] == "bc" and res["dataset_ids"] == ["mujoco/hopper/medium-v0"]
+    ck = torch.load(tmp_path / "bc" / "checkpoint.pt", weights_only=False)
+    assert ck["critic"] is None and ck["dynamics"] is None and not (tmp_path / "bc" / "dynamics.pt").exists()
+    rows = list(csv.DictReader(open(tmp_path / "bc" / "eval.csv")))
+    assert len(rows) == 2 and all(math.isfinite(float(r["normalized_score"])) for r in rows)
+
+
+def test_cli_unknown_env_id(tmp_path):
+    p = run_cli(["--env-id", "hopper-medium-replayy", "--runs-dir", str(tmp_path)], tmp_path)
+    assert p.returncode == 2
+    assert "unknown --env-id 'hopper-medium-replayy'" in p.stderr and "hopper-medium-expert" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("download", [True, False])
+def test_cli_missing_dataset_offline_fails_fast(tmp_path, download):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    t0 = time.time()
+    p = run_cli(["--env-id", "walker2d-medium", "--runs-dir", str(tmp_path)] + ([] if download else ["--no-download"]),
+                empty, timeout=120)
+    assert time.time() - t0 < 60
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "mujoco/walker2d/medium" in p.stderr and str(empty) in p.stderr and "minari download" in p.stderr
+
+
+def test_cli_non_finite_loss_stops_and_keeps_files(minari_root, tmp_path):
+    p = run_cli(["--env-id", "mujoco/hopper/medium-v0", "--runs-dir", str(tmp_path), "--run-name", "nan",
+                 "--no-download", "--critic-lr", "1e30", "--actor-lr", "1e30", *TINY, "--log-every", "10"], minari_root)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "non-finite" in p.stderr and "at gradient step" in p.stderr
+    run = tmp_path / "nan"
+    assert (run / "config.json").exists() and (run / "eval.csv").exists() and (run / "dynamics.pt").exists()
