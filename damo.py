@@ -664,6 +664,12 @@ def model_rollout(model: DynamicsEnsemble, actor: Actor, start_obs: torch.Tensor
     return {k: torch.cat(v) for k, v in out.items()}
 
 
+def sample_rows(data: dict, size: int, n: int, device) -> dict:
+    """n random rows (with replacement) of a dict of aligned tensors: one index tensor for all keys."""
+    idx = torch.randint(size, (n,), device=device)
+    return {k: v[idx] for k, v in data.items()}
+
+
 class SyntheticBuffer:
     """FIFO ring buffer of synthetic transitions on the device (keeps the last few rollouts)."""
 
@@ -679,9 +685,8 @@ class SyntheticBuffer:
             self.data[k][idx] = v[-n:]
         self.ptr, self.size = (self.ptr + n) % self.capacity, min(self.size + n, self.capacity)
 
-    def sample(self, n: int, gen=None):
-        idx = torch.randint(self.size, (n,), device=self.data["rew"].device)
-        return {k: v[idx] for k, v in self.data.items()}
+    def sample(self, n: int) -> dict:
+        return sample_rows(self.data, self.size, n, self.data["rew"].device)
 
 
 @torch.no_grad()
@@ -756,8 +761,6 @@ class Progress:
 def main(args: Args) -> dict:
     t_start = time.time()
     timings = {"data_s": 0.0, "dynamics_s": 0.0, "rollout_s": 0.0, "update_s": 0.0, "eval_s": 0.0}
-    if args.steps_per_epoch % args.log_every and args.log_every % args.steps_per_epoch:
-        raise DamoError("--log-every must divide --steps-per-epoch or be a multiple of it")
     for name in ("alpha", "beta", "bc_coef"):
         if getattr(args, name) < 0:
             raise DamoError(f"--{name.replace('_', '-')} must be >= 0 (0 switches its term off)")
@@ -891,7 +894,7 @@ def main(args: Args) -> dict:
                             "rollout_done_rate": roll["done"].mean()}
             t0 = time.time()
 
-        off = {k: v[torch.randint(N, (n_real,), device=device)] for k, v in D.items()}
+        off = sample_rows(D, N, n_real, device)
         if args.bc:
             loss, info_log = bc_loss(actor, off["obs"], off["act"])
             actor_opt.zero_grad(set_to_none=True)
@@ -900,7 +903,7 @@ def main(args: Args) -> dict:
         else:
             # discriminator step on a balanced batch: offline (label 1) vs synthetic (label 0), Eq. 3
             if args.beta > 0:
-                d_off = {k: v[torch.randint(N, (half,), device=device)] for k, v in D.items()}
+                d_off = sample_rows(D, N, half, device)
                 d_syn = synthetic.sample(half)
                 loss_d, info_d = discriminator_loss(disc, (d_off["obs"], d_off["act"], d_off["next_obs"]),
                                                     (d_syn["obs"], d_syn["act"], d_syn["next_obs"]))
@@ -915,7 +918,7 @@ def main(args: Args) -> dict:
             # Eq. 4: corrected reward on the synthetic rows
             batch["rew"], bonus = corrected_reward(disc, batch["obs"], batch["act"], batch["rew"], batch["next_obs"],
                                                    is_syn, args.beta, args.logit_clip)
-            offline = {k: v[torch.randint(N, (args.batch_size,), device=device)] for k, v in D.items()} if own_offline else None
+            offline = sample_rows(D, N, args.batch_size, device) if own_offline else None
             loss_q, info_q = critic_loss(critic, critic_target, actor, log_alpha_ent, batch, n_real, offline,
                                          args.alpha, args.gamma)
             critic_opt.zero_grad(set_to_none=True)
