@@ -326,11 +326,18 @@ def test_model_rollout_uses_elites_and_stops_terminated_branches():
 # --------------------------------------------------------------------------------------------------
 
 
-def test_cli_end_to_end(minari_root, tmp_path):
-    p = run_cli(["--env-id", "hopper-medium-expert", "--seed", "3", "--runs-dir", str(tmp_path), "--run-name", "e2e",
+@pytest.fixture(scope="session")
+def e2e_run(minari_root, tmp_path_factory):
+    """One tiny DAMO run through the CLI, shared by the tests that read its files."""
+    runs = tmp_path_factory.mktemp("runs")
+    p = run_cli(["--env-id", "hopper-medium-expert", "--seed", "3", "--runs-dir", str(runs), "--run-name", "e2e",
                  "--no-download", *TINY], minari_root)
     assert p.returncode == 0, p.stderr[-3000:]
-    run = tmp_path / "e2e"
+    return runs / "e2e"
+
+
+def test_cli_end_to_end(minari_root, e2e_run, tmp_path):
+    run = e2e_run
     rows = list(csv.DictReader(open(run / "eval.csv")))
     assert [int(r["global_step"]) for r in rows] == [100, 200] and [int(r["epoch"]) for r in rows] == [1, 2]
     for r in rows:
@@ -447,3 +454,63 @@ def test_damo_learns_hopper_from_medium_data(tmp_path, monkeypatch):
     assert len(rows) == 6
     assert final >= data_return, (final, data_return, [r["return_mean"] for r in rows])
     assert final >= untrained.mean() + 500, (final, untrained.mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# plot.py
+# --------------------------------------------------------------------------------------------------
+
+
+def run_plot(args: list[str], root):
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(root), **OFFLINE_ENV, "PYTHONWARNINGS": "default"}
+    return subprocess.run([sys.executable, str(HERE / "plot.py"), *args], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=HERE)
+
+
+def test_plot_curves_table_and_corrupt_runs(minari_root, e2e_run, tmp_path):
+    import shutil
+
+    runs = tmp_path / "runs"
+    for seed in (3, 4):  # two seeds of one variant, and a BC run with a different eval grid
+        d = runs / f"damo_{seed}"
+        shutil.copytree(e2e_run, d)
+        cfg = json.load(open(d / "config.json"))
+        cfg["args"]["seed"] = seed
+        json.dump(cfg, open(d / "config.json", "w"))
+    bc = runs / "bc_0"
+    shutil.copytree(e2e_run, bc)
+    cfg = json.load(open(bc / "config.json"))
+    cfg["args"].update(bc=True, seed=0)
+    json.dump(cfg, open(bc / "config.json", "w"))
+    with open(bc / "eval.csv", "w") as f:
+        f.write("global_step,epoch,return_mean,return_std,normalized_score,normalized_score_std,wall_time_s\n"
+                "50,1,100,1,3.7,0.1,1\n150,2,300,1,9.8,0.1,2\n250,3,500,1,16.0,0.1,3\n")
+    (runs / "corrupt").mkdir()
+    (runs / "corrupt" / "config.json").write_text("{not json")
+    (runs / "corrupt" / "eval.csv").write_text("global_step\n")
+    (runs / "starting").mkdir()
+    shutil.copy(e2e_run / "config.json", runs / "starting" / "config.json")
+    (runs / "starting" / "eval.csv").write_text("global_step,epoch,return_mean,return_std,normalized_score,normalized_score_std,wall_time_s\n")
+    p = run_plot([str(runs), "--out", str(tmp_path / "fig" / "curves"), "--band", "ci95"], minari_root)
+    assert p.returncode == 0, p.stderr[-3000:]
+    png = (tmp_path / "fig" / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert (tmp_path / "fig" / "curves.pdf").stat().st_size > 1000
+    assert "corrupt" in p.stderr and "starting" in p.stderr  # skipped with a warning naming them
+    rows = list(csv.DictReader(open(e2e_run / "eval.csv")))
+    final = float(rows[-1]["normalized_score"])
+    assert f"| hopper-medium-expert | DAMO (rollout_length=3) | 2 | {final:.1f} +- 0.0 |" in p.stdout
+    assert "| hopper-medium-expert | BC | 1 | 16.0 +- 0.0 | 9.8 +- 0.0 | 500.0 +- 0.0 | 300.0 +- 0.0 |" in p.stdout
+
+
+def test_plot_diagnose_writes_figure_and_finite_json(minari_root, e2e_run):
+    p = run_plot(["diagnose", str(e2e_run)], minari_root)
+    assert p.returncode == 0, p.stderr[-3000:]
+    stats = json.load(open(e2e_run / "diagnostics.json"))
+    png = (e2e_run / "diagnostics.png").read_bytes()
+    assert png[:4] == b"\x89PNG" and len(png) > 10_000
+    nums = [stats[k] for k in ("real_to_offline_state_nn_distance", "synthetic_to_offline_state_nn_distance",
+                               "q_start_mean", "mc_return_mean", "overestimation_mean")] + list(stats["disc_p_offline"].values())
+    assert all(math.isfinite(x) for x in nums)
+    assert stats["overestimation_mean"] == pytest.approx(stats["q_start_mean"] - stats["mc_return_mean"], abs=1e-6)
+    assert all(0 <= x <= 1 for x in stats["disc_p_offline"].values()) and stats["n_real"] > 0

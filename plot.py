@@ -1,0 +1,307 @@
+"""Figures from damo.py runs: learning curves over seeds, and the paper's alignment diagnostics.
+
+    python plot.py runs/                      # learning curves + a markdown table (reads only run files)
+    python plot.py runs/ --band ci95          # 95% bootstrap band instead of +- std
+    python plot.py diagnose runs/RUN          # offline / synthetic / real data, value over-estimation,
+                                              # discriminator probabilities, for one checkpoint
+
+Curves (the paper's Fig. 3a / 5 style): runs are grouped by env id and variant (DAMO, w/o er,
+w/o ir, BC, and any non-default alpha / beta / eta), each run's eval.csv is interpolated onto the
+group's common grid of gradient steps, and the mean over seeds is drawn with a shaded band. A run
+folder that is incomplete or corrupt is skipped with a warning.
+
+Diagnostics (the paper's Figs. 1, 3b, 4 style): (s, a, s' - s) of offline data, synthetic data (the
+trained policy rolled in the learned model from offline states) and real data (the trained policy in
+the real environment), embedded in 2-D by PCA fitted on the offline data; Q(s0, pi(s0)) against the
+discounted Monte-Carlo return actually obtained from real start states; the discriminator's
+probability of "offline" on the three sets. The numbers go to a JSON beside the figure.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------------
+# learning curves
+# ----------------------------------------------------------------------------------------------------
+
+
+def variant_label(args: dict) -> str:
+    """DAMO / w/o er / w/o ir / BC, plus every knob that differs from damo.py's defaults."""
+    import damo
+
+    d = damo.Args()
+    if args.get("bc"):
+        return "BC"
+    alpha, beta = args.get("alpha", d.alpha), args.get("beta", d.beta)
+    name = "w/o ir" if alpha == 0 else "w/o er" if beta == 0 else "DAMO"
+    extra = [f"{k}={args[k]:g}" for k in ("alpha", "beta", "bc_coef", "real_ratio", "rollout_length")
+             if k in args and args[k] != getattr(d, k) and not (k == "alpha" and alpha == 0)
+             and not (k == "beta" and beta == 0)]
+    return name + (f" ({', '.join(extra)})" if extra else "")
+
+
+def read_run(path: str) -> dict:
+    """One run folder -> env id, variant, steps, scores, returns. Raises on anything incomplete."""
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    with open(os.path.join(path, "eval.csv")) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError("eval.csv has no evaluation rows yet")
+    steps = np.array([int(r["global_step"]) for r in rows])
+    score = np.array([float(r["normalized_score"]) for r in rows])
+    ret = np.array([float(r["return_mean"]) for r in rows])
+    if not (np.all(np.diff(steps) > 0) and np.isfinite(ret).all()):
+        raise ValueError("eval.csv is not a clean series")
+    return {"path": path, "env_id": cfg["args"]["env_id"], "variant": variant_label(cfg["args"]),
+            "seed": cfg["args"]["seed"], "steps": steps, "score": score, "return": ret,
+            "finished": os.path.exists(os.path.join(path, "results.json"))}
+
+
+def find_runs(root: str) -> list[dict]:
+    runs = []
+    for dirpath, dirnames, filenames in sorted(os.walk(root)):
+        if "config.json" in filenames or "eval.csv" in filenames:
+            dirnames.clear()
+            try:
+                runs.append(read_run(dirpath))
+            except Exception as e:  # incomplete or corrupt: say which and go on
+                print(f"warning: skipping run folder {dirpath}: {type(e).__name__}: {e}", file=sys.stderr)
+    return runs
+
+
+def on_grid(runs: list[dict], key: str):
+    """Interpolate each run onto the union of the group's eval steps; a run counts only up to its last
+    evaluation (a running run does not pull the tail down). Returns grid [G] and values [R, G] (NaN = absent)."""
+    grid = np.unique(np.concatenate([r["steps"] for r in runs]))
+    vals = np.full((len(runs), len(grid)), np.nan)
+    for i, r in enumerate(runs):
+        inside = (grid >= r["steps"][0]) & (grid <= r["steps"][-1])
+        vals[i, inside] = np.interp(grid[inside], r["steps"], r[key])
+    return grid, vals
+
+
+def band(vals: np.ndarray, kind: str, rng: np.random.Generator):
+    mean = np.nanmean(vals, 0)
+    if kind == "std":
+        half = np.nanstd(vals, 0)
+        return mean, mean - half, mean + half
+    lo, hi = np.empty_like(mean), np.empty_like(mean)
+    for g in range(vals.shape[1]):  # 95% bootstrap interval of the mean over seeds
+        v = vals[~np.isnan(vals[:, g]), g]
+        boots = rng.choice(v, (1000, len(v))).mean(1)
+        lo[g], hi[g] = np.percentile(boots, [2.5, 97.5])
+    return mean, lo, hi
+
+
+def summary_table(runs: list[dict]) -> str:
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["env_id"], r["variant"]), []).append(r)
+    lines = ["| env | variant | seeds | final score | last-10 score | final return | last-10 return | steps |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (env, var), rs in sorted(groups.items()):
+        def ms(x):
+            return f"{np.mean(x):.1f} +- {np.std(x):.1f}"
+        final_s = [r["score"][-1] for r in rs]
+        last_s = [r["score"][-10:].mean() for r in rs]
+        final_r = [r["return"][-1] for r in rs]
+        last_r = [r["return"][-10:].mean() for r in rs]
+        steps = sorted({int(r["steps"][-1]) for r in rs})
+        lines.append(f"| {env} | {var} | {len(rs)} | {ms(final_s)} | {ms(last_s)} | {ms(final_r)} | {ms(last_r)} | "
+                     f"{'/'.join(map(str, steps))} |")
+    return "\n".join(lines)
+
+
+def plot_curves(runs: list[dict], out: str, kind: str = "std", key: str = "score") -> list[str]:
+    envs = sorted({r["env_id"] for r in runs})
+    fig, axes = plt.subplots(1, len(envs), figsize=(5.5 * len(envs), 4), squeeze=False)
+    rng = np.random.default_rng(0)
+    for ax, env in zip(axes[0], envs):
+        variants = sorted({r["variant"] for r in runs if r["env_id"] == env})
+        for v in variants:
+            rs = [r for r in runs if r["env_id"] == env and r["variant"] == v]
+            grid, vals = on_grid(rs, key)
+            mean, lo, hi = band(vals, kind, rng)
+            line, = ax.plot(grid, mean, label=f"{v} (n={len(rs)})")
+            ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set_title(env)
+        ax.set_xlabel("gradient steps")
+        ax.set_ylabel("normalised score" if key == "score" else "return")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, title=f"mean, band: {'+- std' if kind == 'std' else '95% bootstrap CI'} over seeds",
+                  title_fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    paths = [out + ".png", out + ".pdf"]
+    for p in paths:
+        fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------
+# diagnostics of one checkpoint
+# ----------------------------------------------------------------------------------------------------
+
+
+def diagnose(run: str, out: str | None = None, n: int = 2000, episodes: int = 5, seed: int = 0) -> dict:
+    import torch
+
+    import damo
+
+    ck = torch.load(os.path.join(run, "checkpoint.pt"), map_location="cpu", weights_only=False)
+    a = damo.Args(**ck["args"])
+    if ck["dynamics"] is None:
+        raise damo.DamoError(f"{run} is a BC run: it has no dynamics model, critic or discriminator to diagnose")
+    torch.manual_seed(seed)
+    data, info, env = damo.load_dataset(a.env_id, download=False)
+    mean, std = ck["obs_mean"], ck["obs_std"]
+    obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
+    actor = damo.Actor(obs_dim, act_dim, a.hidden)
+    actor.load_state_dict(ck["actor"])
+    dyn = damo.DynamicsEnsemble(obs_dim, act_dim, a.n_ensemble, a.dynamics_hidden, a.n_elites)
+    dyn.load_state_dict(ck["dynamics"])
+    disc = damo.Discriminator(obs_dim, act_dim, a.disc_hidden)
+    disc.load_state_dict(ck["discriminator"])
+    critic = damo.CriticEnsemble(obs_dim, act_dim, a.hidden, a.n_critics)
+    critic.load_state_dict(ck["critic"])
+    norm = lambda x: (torch.as_tensor(x, dtype=torch.float32) - mean) / std  # noqa: E731
+
+    rng = np.random.default_rng(seed)
+    i = rng.choice(len(data["rewards"]), n, replace=False)
+    offline = {"obs": norm(data["observations"][i]), "act": torch.as_tensor(data["actions"][i]),
+               "next_obs": norm(data["next_observations"][i])}
+    term_fn = damo.termination_fn_for(info["env_family"], data)
+    syn = damo.model_rollout(dyn, actor, offline["obs"], a.rollout_length, term_fn, mean, std)
+    # real: the trained policy (deterministic, as evaluated) in the real env; discounted MC returns
+    real = {"obs": [], "act": [], "next_obs": []}
+    q0, mc = [], []
+    with torch.no_grad():
+        for k in range(episodes):
+            o, _ = env.reset(seed=seed + 20_000 + k)
+            s0, rews, done = norm(o), [], False
+            while not done:
+                s = norm(o)
+                act = actor.act(s)
+                o, r, term, trunc, _ = env.step(act.numpy())
+                real["obs"].append(s), real["act"].append(act), real["next_obs"].append(norm(o))
+                rews.append(r)
+                done = term or trunc
+            q0.append(float(critic(s0[None], actor.act(s0[None])).min(0).values))
+            mc.append(float(sum(a.gamma ** t * r for t, r in enumerate(rews))))
+    real = {k: torch.stack(v) for k, v in real.items()}
+
+    def feats(d):
+        return torch.cat([d["obs"], d["act"], d["next_obs"] - d["obs"]], -1).numpy()
+
+    F_off, F_syn, F_real = feats(offline), feats(syn), feats(real)
+    mu = F_off.mean(0)
+    _, _, vt = np.linalg.svd(F_off - mu, full_matrices=False)  # PCA fitted on the offline data
+    P = lambda f: (f - mu) @ vt[:2].T  # noqa: E731
+
+    def mean_nn_dist(x, y):  # mean distance from each row of x to its nearest row of y (normalised units)
+        x, y = torch.as_tensor(x[:2000]), torch.as_tensor(y[:4000])
+        return float(torch.cdist(x, y).min(1).values.mean())
+
+    with torch.no_grad():
+        p = {name: float(torch.sigmoid(disc(d["obs"], d["act"], d["next_obs"])).mean())
+             for name, d in (("offline", offline), ("synthetic", syn), ("real", real))}
+    # synthetic states: the model's predicted s' (its s are offline states or earlier predictions)
+    s_off, s_real, s_syn = offline["obs"].numpy(), real["obs"].numpy(), syn["next_obs"].numpy()
+    stats = {
+        "run": run, "embedding": "PCA (2 components) fitted on offline (s, a, s'-s), normalised obs",
+        "n_offline": int(len(F_off)), "n_synthetic": int(len(F_syn)), "n_real": int(len(F_real)),
+        "real_to_offline_state_nn_distance": mean_nn_dist(s_real, s_off),
+        "synthetic_to_offline_state_nn_distance": mean_nn_dist(s_syn, s_off),
+        "offline_to_offline_state_nn_distance": mean_nn_dist(s_off[: n // 2], s_off[n // 2:]),
+        "q_start_mean": float(np.mean(q0)), "mc_return_mean": float(np.mean(mc)),
+        "overestimation_mean": float(np.mean(np.array(q0) - np.array(mc))),
+        "disc_p_offline": p, "episodes": episodes, "real_return_mean_discounted": float(np.mean(mc)),
+    }
+    out = out or os.path.join(run, "diagnostics")
+    fig, ax = plt.subplots(1, 4, figsize=(20, 4.4))
+    Po, Ps, Pr = P(F_off), P(F_syn[:4000]), P(F_real[:4000])
+    ax[0].scatter(*Po.T, s=3, alpha=0.35, label="offline")
+    ax[0].scatter(*Ps.T, s=3, alpha=0.35, label="synthetic")
+    ax[0].set_title("(s, a, s') offline vs synthetic (PCA)")
+    ax[1].scatter(*Pr.T, s=3, alpha=0.35, label="real", color="C2")
+    ax[1].scatter(*Ps.T, s=3, alpha=0.35, label="synthetic", color="C1")
+    ax[1].set_title("(s, a, s') real vs synthetic (PCA)")
+    for x in ax[:2]:
+        x.legend(markerscale=4)
+    ax[2].scatter(mc, q0)
+    lim = [min(mc + q0), max(mc + q0)]
+    ax[2].plot(lim, lim, "k--", lw=1, label="Q = MC return")
+    ax[2].set_xlabel("discounted MC return (real env)")
+    ax[2].set_ylabel("min_j Q_j(s0, pi(s0))")
+    ax[2].set_title(f"value estimate, mean over-estimation {stats['overestimation_mean']:.1f}")
+    ax[2].legend()
+    ax[3].bar(list(p), list(p.values()), color=["C0", "C1", "C2"])
+    ax[3].set_ylim(0, 1)
+    ax[3].set_title("discriminator: mean P(offline)")
+    fig.suptitle(f"{run}: {info['dataset_ids']}", fontsize=9)
+    fig.tight_layout()
+    for ext in (".png", ".pdf"):
+        fig.savefig(out + ext, dpi=100)
+    plt.close(fig)
+    with open(out + ".json", "w") as f:
+        json.dump(stats, f, indent=2)
+    return stats
+
+
+@dataclass
+class CurveArgs:
+    runs: str = "runs"
+    """folder that holds run folders (searched recursively)"""
+    out: str = "curves"
+    """output path without extension (PNG and PDF are written)"""
+    band: Literal["std", "ci95"] = "std"
+    """shaded band: +- std over seeds, or a 95% bootstrap interval of the mean"""
+    metric: Literal["score", "return"] = "score"
+    """normalised score or raw return on the y axis"""
+
+
+def main(argv: list[str]) -> int:
+    import tyro
+
+    if argv and argv[0] == "diagnose":
+        import damo
+
+        if len(argv) < 2:
+            print("usage: python plot.py diagnose runs/RUN", file=sys.stderr)
+            return 2
+        try:
+            stats = diagnose(argv[1])
+        except (damo.DamoError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(stats, indent=2))
+        return 0
+    if argv and not argv[0].startswith("-"):
+        argv = ["--runs", argv[0], *argv[1:]]
+    args = tyro.cli(CurveArgs, args=argv)
+    runs = find_runs(args.runs)
+    if not runs:
+        print(f"error: no readable runs under {args.runs}", file=sys.stderr)
+        return 2
+    paths = plot_curves(runs, args.out, args.band, args.metric)
+    print(summary_table(runs))
+    print(f"\nwrote {', '.join(paths)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
