@@ -77,6 +77,10 @@ class Args:
     """CPU threads for torch (measured on a 2-core machine: 1 is fastest when anything else runs; see README)"""
     bc: bool = False
     """behaviour-cloning baseline: train only the actor's mean action on the offline data (no model, no critic)"""
+    benchmark: bool = False
+    """time every phase on random data of the env's real shapes (no dataset needed), print a table and JSON, exit"""
+    benchmark_repeats: int = 5
+    """--benchmark: repeats per figure (the median is reported, after one warm-up)"""
 
     # --- logging ---
     runs_dir: str = "runs"
@@ -705,6 +709,192 @@ def evaluate(actor: Actor, env: gym.Env, episodes: int, seed: int, obs_mean, obs
     return np.asarray(returns)
 
 
+
+# ----------------------------------------------------------------------------------------------------
+# One gradient step of DAMO, in the order of the algorithm (used by main() and by --benchmark)
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Agent:
+    """The networks, their optimisers and the entropy temperature (nothing hidden: plain fields)."""
+
+    actor: Actor
+    actor_opt: torch.optim.Optimizer
+    dynamics: Optional[DynamicsEnsemble] = None
+    disc: Optional[Discriminator] = None
+    disc_opt: Optional[torch.optim.Optimizer] = None
+    critic: Optional[CriticEnsemble] = None
+    critic_target: Optional[CriticEnsemble] = None
+    critic_opt: Optional[torch.optim.Optimizer] = None
+    log_alpha_ent: Optional[torch.Tensor] = None
+    alpha_ent_opt: Optional[torch.optim.Optimizer] = None
+    target_entropy: float = 0.0
+
+
+def make_agent(obs_dim: int, act_dim: int, args: Args, device) -> Agent:
+    actor = Actor(obs_dim, act_dim, args.hidden).to(device)
+    ag = Agent(actor, torch.optim.Adam(actor.parameters(), lr=args.actor_lr))
+    if args.bc:
+        return ag
+    ag.dynamics = DynamicsEnsemble(obs_dim, act_dim, args.n_ensemble, args.dynamics_hidden, args.n_elites).to(device)
+    ag.disc = Discriminator(obs_dim, act_dim, args.disc_hidden).to(device)
+    ag.disc_opt = torch.optim.Adam(ag.disc.parameters(), lr=args.disc_lr)
+    ag.critic = CriticEnsemble(obs_dim, act_dim, args.hidden, args.n_critics).to(device)
+    ag.critic_target = copy.deepcopy(ag.critic).requires_grad_(False)
+    ag.critic_opt = torch.optim.Adam(ag.critic.parameters(), lr=args.critic_lr)
+    ag.log_alpha_ent = torch.zeros((), device=device, requires_grad=True)
+    ag.alpha_ent_opt = torch.optim.Adam([ag.log_alpha_ent], lr=args.alpha_ent_lr)
+    ag.target_entropy = -float(act_dim)  # -|A| (SAC)
+    return ag
+
+
+def sgd_step(opt: torch.optim.Optimizer, loss: torch.Tensor):
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def damo_update(ag: Agent, D: dict, N: int, synthetic: "SyntheticBuffer", args: Args) -> dict:
+    """One gradient step: discriminator (Eq. 3) -> batch with r~ (Eq. 4) -> critics (Eqs. 5-6) -> actor
+    (Eq. 7/7b) -> temperature (Eq. 8) -> target critics. Returns tensors for logging (no host sync)."""
+    device = D["rew"].device
+    n_real = max(1, int(round(args.batch_size * args.real_ratio)))
+    n_syn = args.batch_size - n_real
+    info_d = {}
+    if args.beta > 0:  # balanced batch: offline (label 1) vs synthetic (label 0)
+        d_off, d_syn = sample_rows(D, N, args.batch_size // 2, device), synthetic.sample(args.batch_size // 2)
+        loss_d, info_d = discriminator_loss(ag.disc, (d_off["obs"], d_off["act"], d_off["next_obs"]),
+                                            (d_syn["obs"], d_syn["act"], d_syn["next_obs"]))
+        sgd_step(ag.disc_opt, loss_d)
+    # B = n_real offline rows, then n_syn synthetic rows
+    off, syn = sample_rows(D, N, n_real, device), synthetic.sample(n_syn)
+    batch = {k: torch.cat([off[k], syn[k]]) for k in off}
+    is_syn = (torch.arange(args.batch_size, device=device) >= n_real).float()
+    batch["rew"], bonus = corrected_reward(ag.disc, batch["obs"], batch["act"], batch["rew"], batch["next_obs"],
+                                           is_syn, args.beta, args.logit_clip)  # Eq. 4
+    # few offline rows in B (small real_ratio): the push-up term and Eq. 7b get an offline batch of their own
+    offline = sample_rows(D, N, args.batch_size, device) if n_real < args.batch_size // 2 else None
+    loss_q, info_q = critic_loss(ag.critic, ag.critic_target, ag.actor, ag.log_alpha_ent, batch, n_real, offline,
+                                 args.alpha, args.gamma)
+    sgd_step(ag.critic_opt, loss_q)
+    s_bc = offline if offline is not None else off
+    loss_pi, info_pi, logp = actor_loss(ag.critic, ag.actor, ag.log_alpha_ent, batch["obs"], s_bc["obs"], s_bc["act"],
+                                        args.alpha, args.bc_coef)
+    sgd_step(ag.actor_opt, loss_pi)
+    loss_a, info_a = alpha_loss(ag.log_alpha_ent, logp, ag.target_entropy)
+    sgd_step(ag.alpha_ent_opt, loss_a)
+    with torch.no_grad():  # Polyak averaging of the target critics, in place, one fused call
+        torch._foreach_lerp_(list(ag.critic_target.parameters()), list(ag.critic.parameters()), args.tau)
+    return {**info_d, **info_q, **info_pi, **info_a, "reward_bonus_synthetic": (bonus * is_syn).sum() / max(n_syn, 1)}
+
+
+def bc_update(ag: Agent, D: dict, N: int, args: Args) -> dict:
+    off = sample_rows(D, N, args.batch_size, D["rew"].device)
+    loss, info = bc_loss(ag.actor, off["obs"], off["act"])
+    sgd_step(ag.actor_opt, loss)
+    return info
+
+
+# ====================================================================================================
+# --benchmark: time every phase on random data of the env's real shapes
+# ====================================================================================================
+
+BENCH_ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
+
+
+def benchmark(args: Args) -> dict:
+    """Median time of each phase over `benchmark_repeats` repeats after a warm-up, on random data with
+    the env's real shapes. The SAC reference is the same update with alpha = beta = 0 on the same
+    networks (no discriminator, no conservative term, no behaviour term): plain model-based SAC."""
+    from dataclasses import replace
+
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if device.type == "cpu" and args.threads > 0:
+        torch.set_num_threads(args.threads)
+    family = args.env_id.split("-")[0] if "/" not in args.env_id else next((e for e in ENVS if f"/{e}/" in args.env_id), "")
+    if family not in BENCH_ENVS:
+        raise DamoError(f"--benchmark knows the shapes of {', '.join(BENCH_ENVS)}; got --env-id {args.env_id}")
+    env = gym.make(BENCH_ENVS[family], **({} if family == "halfcheetah" else {"terminate_when_unhealthy": False}))
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    N = 100_000
+    D = {"obs": torch.randn(N, obs_dim, device=device), "act": torch.rand(N, act_dim, device=device) * 2 - 1,
+         "rew": torch.randn(N, device=device), "next_obs": torch.randn(N, obs_dim, device=device),
+         "done": torch.zeros(N, device=device)}
+    synthetic = SyntheticBuffer(N, obs_dim, act_dim, device)
+    synthetic.add(D)
+    ag = make_agent(obs_dim, act_dim, args, device)
+    ag_sac = make_agent(obs_dim, act_dim, args, device)
+    sac_args = replace(args, alpha=0.0, beta=0.0)
+
+    def rate(fn, n):  # calls per second, median over repeats after one warm-up repeat
+        out = []
+        for r in range(args.benchmark_repeats + 1):
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            sync()
+            out.append(n / (time.perf_counter() - t0))
+        return float(np.median(out[1:]))
+
+    def seconds(fn):
+        return 1.0 / rate(fn, 1)
+
+    n = 50 if device.type == "cpu" else 200
+    res = {"device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(), "env": BENCH_ENVS[family],
+           "threads": torch.get_num_threads()}
+    res["damo_update_steps_per_s"] = rate(lambda: damo_update(ag, D, N, synthetic, args), n)
+    res["sac_update_steps_per_s"] = rate(lambda: damo_update(ag_sac, D, N, synthetic, sac_args), n)
+    res["damo_to_sac_ratio"] = res["damo_update_steps_per_s"] / res["sac_update_steps_per_s"]
+    X = torch.cat([D["obs"], D["act"]], -1)
+    Y = torch.cat([D["next_obs"] - D["obs"], D["rew"][:, None]], -1)
+    opt = torch.optim.Adam(ag.dynamics.parameters(), lr=args.dynamics_lr)
+    E, bs = args.n_ensemble, args.dynamics_batch_size
+
+    def dyn_step():
+        j = torch.randint(N, (E, bs), device=device)
+        sgd_step(opt, dynamics_loss(ag.dynamics, X[j], Y[j])[0])
+
+    res["dynamics_train_steps_per_s"] = rate(dyn_step, max(5, n // 2))
+    res["dynamics_epoch_1M_s"] = math.ceil(1_000_000 / bs) / res["dynamics_train_steps_per_s"]
+    start = D["obs"][:50_000]
+    # worst case: no branch terminates, so every step runs all 50,000 rows
+    res["rollout_50k_x5_s"] = seconds(lambda: model_rollout(ag.dynamics, ag.actor, start, 5, never_terminates,
+                                                            torch.zeros(obs_dim, device=device),
+                                                            torch.ones(obs_dim, device=device)))
+    zeros, ones = torch.zeros(obs_dim, device=device), torch.ones(obs_dim, device=device)
+    # full-length episodes (the unhealthy-termination is switched off so every episode lasts 1000 steps);
+    # min(--eval-episodes, 10) of them are timed and scaled to 10
+    k = max(1, min(args.eval_episodes, 10))
+    res["eval_10_episodes_s"] = seconds(lambda: evaluate(ag.actor, env, k, 0, zeros, ones, device)) * 10 / k
+    steps = args.epochs * args.steps_per_epoch
+    res["projected_full_run_h"] = (steps / res["damo_update_steps_per_s"]
+                                   + steps / args.rollout_freq * res["rollout_50k_x5_s"] * args.rollout_batch_size / 50_000
+                                   + args.epochs * res["eval_10_episodes_s"] * args.eval_episodes / 10) / 3600
+    return res
+
+
+def print_benchmark(res: dict, path: str):
+    rows = [("DAMO update", f"{res['damo_update_steps_per_s']:.0f} steps/s"),
+            ("plain SAC update (same networks)", f"{res['sac_update_steps_per_s']:.0f} steps/s"),
+            ("DAMO / SAC", f"{res['damo_to_sac_ratio']:.2f}"),
+            ("dynamics training (7 x 256)", f"{res['dynamics_train_steps_per_s']:.0f} steps/s"),
+            ("dynamics epoch over 1M transitions", f"{res['dynamics_epoch_1M_s']:.0f} s"),
+            ("model rollout 50,000 x 5", f"{res['rollout_50k_x5_s']:.2f} s"),
+            ("evaluation, 10 x 1000-step episodes", f"{res['eval_10_episodes_s']:.1f} s"),
+            ("projected policy phase of the configured run", f"{res['projected_full_run_h']:.1f} h")]
+    print(f"| phase ({res['device']}, {res['threads']} torch threads) | figure |\n|---|---|")
+    for k, v in rows:
+        print(f"| {k} | {v} |")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=2)
+    print(json.dumps(res))
+
+
 # ====================================================================================================
 # 6. Main: train dynamics, then the maximin loop
 # ====================================================================================================
@@ -821,19 +1011,8 @@ def main(args: Args) -> dict:
           f"eval env {info['eval_env_id']}, scores: {info['ref_source']}, device {device}", file=sys.stderr)
 
     # --- networks ---
-    actor = Actor(obs_dim, act_dim, args.hidden).to(device)
-    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr)
-    dynamics = disc = critic = None
-    if not args.bc:
-        dynamics = DynamicsEnsemble(obs_dim, act_dim, args.n_ensemble, args.dynamics_hidden, args.n_elites).to(device)
-        disc = Discriminator(obs_dim, act_dim, args.disc_hidden).to(device)
-        disc_opt = torch.optim.Adam(disc.parameters(), lr=args.disc_lr)
-        critic = CriticEnsemble(obs_dim, act_dim, args.hidden, args.n_critics).to(device)
-        critic_target = copy.deepcopy(critic).requires_grad_(False)
-        critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
-        log_alpha_ent = torch.zeros((), device=device, requires_grad=True)
-        alpha_ent_opt = torch.optim.Adam([log_alpha_ent], lr=args.alpha_ent_lr)
-        target_entropy = -float(act_dim)
+    ag = make_agent(obs_dim, act_dim, args, device)
+    actor, dynamics, disc, critic = ag.actor, ag.dynamics, ag.disc, ag.critic
 
     def checkpoint(step: int):
         save_atomic({
@@ -842,8 +1021,8 @@ def main(args: Args) -> dict:
             "dynamics": dynamics.state_dict() if dynamics is not None else None,
             "discriminator": disc.state_dict() if disc is not None else None,
             "critic": critic.state_dict() if critic is not None else None,
-            "critic_target": critic_target.state_dict() if critic is not None else None,
-            "log_alpha_ent": log_alpha_ent.detach().cpu() if critic is not None else None,
+            "critic_target": ag.critic_target.state_dict() if critic is not None else None,
+            "log_alpha_ent": ag.log_alpha_ent.detach().cpu() if critic is not None else None,
         }, os.path.join(run_dir, "checkpoint.pt"))
 
     status = Progress()
@@ -875,11 +1054,6 @@ def main(args: Args) -> dict:
                                     obs_dim, act_dim, device)
 
     # --- 3. the maximin loop ---
-    n_real = max(1, int(round(args.batch_size * args.real_ratio))) if not args.bc else args.batch_size
-    n_syn = args.batch_size - n_real
-    own_offline = n_real < args.batch_size // 2  # few offline rows in B: draw a separate offline batch
-    half = args.batch_size // 2
-    is_syn = torch.cat([torch.zeros(n_real, device=device), torch.ones(n_syn, device=device)])
     total_steps = args.epochs * args.steps_per_epoch
     scores, returns_hist, last_returns = [], [], None
     t_train, info_log, global_step = time.time(), {}, 0
@@ -894,50 +1068,7 @@ def main(args: Args) -> dict:
                             "rollout_done_rate": roll["done"].mean()}
             t0 = time.time()
 
-        off = sample_rows(D, N, n_real, device)
-        if args.bc:
-            loss, info_log = bc_loss(actor, off["obs"], off["act"])
-            actor_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            actor_opt.step()
-        else:
-            # discriminator step on a balanced batch: offline (label 1) vs synthetic (label 0), Eq. 3
-            if args.beta > 0:
-                d_off = sample_rows(D, N, half, device)
-                d_syn = synthetic.sample(half)
-                loss_d, info_d = discriminator_loss(disc, (d_off["obs"], d_off["act"], d_off["next_obs"]),
-                                                    (d_syn["obs"], d_syn["act"], d_syn["next_obs"]))
-                disc_opt.zero_grad(set_to_none=True)
-                loss_d.backward()
-                disc_opt.step()
-            else:
-                info_d = {}
-            # B = n_real offline rows, then n_syn synthetic rows
-            syn = synthetic.sample(n_syn)
-            batch = {k: torch.cat([off[k], syn[k]]) for k in off}
-            # Eq. 4: corrected reward on the synthetic rows
-            batch["rew"], bonus = corrected_reward(disc, batch["obs"], batch["act"], batch["rew"], batch["next_obs"],
-                                                   is_syn, args.beta, args.logit_clip)
-            offline = sample_rows(D, N, args.batch_size, device) if own_offline else None
-            loss_q, info_q = critic_loss(critic, critic_target, actor, log_alpha_ent, batch, n_real, offline,
-                                         args.alpha, args.gamma)
-            critic_opt.zero_grad(set_to_none=True)
-            loss_q.backward()
-            critic_opt.step()
-            s_bc = offline if offline is not None else off
-            loss_pi, info_pi, logp = actor_loss(critic, actor, log_alpha_ent, batch["obs"], s_bc["obs"], s_bc["act"],
-                                                args.alpha, args.bc_coef)
-            actor_opt.zero_grad(set_to_none=True)
-            loss_pi.backward()
-            actor_opt.step()
-            loss_a, info_a = alpha_loss(log_alpha_ent, logp, target_entropy)
-            alpha_ent_opt.zero_grad(set_to_none=True)
-            loss_a.backward()
-            alpha_ent_opt.step()
-            with torch.no_grad():  # Polyak averaging of the target critics, in place
-                torch._foreach_lerp_(list(critic_target.parameters()), list(critic.parameters()), args.tau)
-            info_log = {**info_d, **info_q, **info_pi, **info_a, "reward_bonus_synthetic": bonus[n_real:].mean()
-                        if n_syn else bonus.sum()}
+        info_log = bc_update(ag, D, N, args) if args.bc else damo_update(ag, D, N, synthetic, args)
         timings["update_s"] += time.time() - t0
 
         # --- logging: the only host syncs of the loop ---
@@ -1012,7 +1143,12 @@ if __name__ == "__main__":
     import tyro
 
     try:
-        main(tyro.cli(Args))
+        cli_args = tyro.cli(Args)
+        if cli_args.benchmark:
+            result = benchmark(cli_args)
+            print_benchmark(result, os.path.join(cli_args.runs_dir, f"benchmark_{'cuda' if 'cpu' not in result['device'] else 'cpu'}.json"))
+        else:
+            main(cli_args)
     except DamoError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         sys.exit(2)

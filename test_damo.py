@@ -514,3 +514,22 @@ def test_plot_diagnose_writes_figure_and_finite_json(minari_root, e2e_run):
     assert all(math.isfinite(x) for x in nums)
     assert stats["overestimation_mean"] == pytest.approx(stats["q_start_mean"] - stats["mc_return_mean"], abs=1e-6)
     assert all(0 <= x <= 1 for x in stats["disc_p_offline"].values()) and stats["n_real"] > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# --benchmark
+# --------------------------------------------------------------------------------------------------
+
+
+def test_benchmark_mode_writes_valid_json(tmp_path):
+    p = run_cli(["--benchmark", "--benchmark-repeats", "1", "--hidden", "32", "--dynamics-hidden", "32",
+                 "--disc-hidden", "32", "--eval-episodes", "1", "--runs-dir", str(tmp_path), "--no-cuda"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])  # the JSON is the last line
+    assert res == json.load(open(tmp_path / "benchmark_cpu.json"))
+    for k in ("damo_update_steps_per_s", "sac_update_steps_per_s", "dynamics_train_steps_per_s", "rollout_50k_x5_s",
+              "eval_10_episodes_s"):
+        assert math.isfinite(res[k]) and res[k] > 0, k
+    assert res["device"] == "cpu" and res["env"] == "Hopper-v5"
+    assert res["damo_to_sac_ratio"] == pytest.approx(res["damo_update_steps_per_s"] / res["sac_update_steps_per_s"])
+    assert "| DAMO update |" in p.stdout
