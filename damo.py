@@ -305,6 +305,10 @@ def load_dataset(env_id: str, download: bool = True) -> tuple[dict, dict, gym.En
                 terminals=np.asarray(ep.terminations, dtype=np.float32),
             ))
     data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    for k, v in data.items():
+        if not np.isfinite(v).all():
+            raise DamoError(f"dataset {ids} has {int((~np.isfinite(v)).sum())} non-finite values in '{k}'; "
+                            "clean or regenerate it")
     env = datasets[0].recover_environment(eval_env=True)
     if refs[0][0] is not None and refs[0][1] is not None and all(r == refs[0] for r in refs):
         ref, ref_source = refs[0], "dataset"
@@ -1056,7 +1060,7 @@ def main(args: Args) -> dict:
     # --- 3. the maximin loop ---
     total_steps = args.epochs * args.steps_per_epoch
     scores, returns_hist, last_returns = [], [], None
-    t_train, info_log, global_step = time.time(), {}, 0
+    info_log, global_step = {}, 0
     for global_step in range(1, total_steps + 1):
         t0 = time.time()
         if not args.bc and (global_step - 1) % args.rollout_freq == 0:

@@ -428,11 +428,12 @@ def test_sample_rows_keeps_rows_aligned():
 
 
 def test_damo_learns_hopper_from_medium_data(tmp_path, monkeypatch):
-    """DAMO, trained briefly on 20k steps of the (sampled) medium Hopper-v5 policy, must beat the data's
-    average return and the untrained policy by far. Small networks (64 wide) keep it near 2 minutes on
-    2 cores; 6,000 gradient steps. On this setup seeds 0, 1 and 2 ended at 2758, 1620 and 1544 (see
-    README), against a data average of 1214 and about 45 for the untrained policy. It fails when the
-    actor's loss sign is flipped or the critic is not updated (checked by hand, see README)."""
+    """DAMO (default alpha, beta, eta; 64-wide networks to keep it near 2 minutes on 2 cores) trained for 6,000
+    gradient steps on 20k steps of the sampled medium Hopper-v5 policy must end (mean of the last two
+    evaluations) at or above the data's average return, far above the untrained policy. Measured on this
+    setup (last two evaluations): seed 0 (the test's) 1982 and 2758; seed 1 1048 and 1620; seed 2 783 and
+    845 (it fails this bar), against a data average of 1214 and about 45 untrained. With the actor's loss
+    sign flipped the test's run ends at 1196 and 945 and the test fails; see README for the hand checks."""
     root = tmp_path / "minari"
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
     import warnings
@@ -450,8 +451,8 @@ def test_damo_learns_hopper_from_medium_data(tmp_path, monkeypatch):
     torch.manual_seed(0)
     untrained = damo.evaluate(damo.Actor(11, 3, 64), gym.make("Hopper-v5"), 5, 10_000, ck["obs_mean"], ck["obs_std"], "cpu")
     rows = list(csv.DictReader(open(tmp_path / "learn" / "eval.csv")))
-    final = float(rows[-1]["return_mean"])
     assert len(rows) == 6
+    final = np.mean([float(r["return_mean"]) for r in rows[-2:]])  # last two: one evaluation swings
     assert final >= data_return, (final, data_return, [r["return_mean"] for r in rows])
     assert final >= untrained.mean() + 500, (final, untrained.mean())
 
