@@ -74,7 +74,7 @@ class Args:
     cuda: bool = True
     """use CUDA when it is available"""
     threads: int = 1
-    """CPU threads for torch (measured on a 2-core machine: 1 is fastest when anything else runs; see README)"""
+    """CPU threads for torch (default 1: on a 2-core machine two 1-thread runs side by side each ran nearly as fast as one 2-thread run alone; README "Speed")"""
     bc: bool = False
     """behaviour-cloning baseline: train only the actor's mean action on the offline data (no model, no critic)"""
     benchmark: bool = False
