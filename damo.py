@@ -77,6 +77,8 @@ class Args:
     """CPU threads for torch (default 1: on a 2-core machine two 1-thread runs side by side each ran nearly as fast as one 2-thread run alone; README "Speed")"""
     bc: bool = False
     """behaviour-cloning baseline: train only the actor's mean action on the offline data (no model, no critic)"""
+    eval_only: Optional[str] = None
+    """evaluate a run's checkpoint (a run folder or checkpoint.pt) for --eval-episodes episodes in its real env, print, exit"""
     benchmark: bool = False
     """time every phase on random data of the env's real shapes (no dataset needed), print a table and JSON, exit"""
     benchmark_repeats: int = 5
@@ -800,6 +802,30 @@ def bc_update(ag: Agent, D: dict, N: int, args: Args) -> dict:
     return info
 
 
+def eval_only(args: Args) -> dict:
+    """Evaluate a saved policy in its dataset's real environment: raw returns and normalised score."""
+    path = os.path.join(args.eval_only, "checkpoint.pt") if os.path.isdir(args.eval_only) else args.eval_only
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        saved = Args(**ck["args"])
+        actor = Actor(ck["obs_mean"].numel(), ck["actor"]["trunk.4.weight"].shape[0] // 2, saved.hidden)
+        actor.load_state_dict(ck["actor"])
+    except Exception as e:
+        raise DamoError(f"--eval-only {args.eval_only}: cannot load a checkpoint from {path} ({type(e).__name__}: {e})") from None
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    env = gym.make(ck["data"]["eval_env_id"])
+    rets = evaluate(actor, env, args.eval_episodes, args.seed + 10_000, ck["obs_mean"], ck["obs_std"], "cpu")
+    norm = normalized_score(rets, ck["data"])
+    out = {"checkpoint": path, "global_step": ck["global_step"], "env": ck["data"]["eval_env_id"],
+           "episodes": args.eval_episodes, "return_mean": float(rets.mean()), "return_std": float(rets.std()),
+           "normalized_score": float(norm.mean()), "score_reference": ck["data"]["ref_source"], "returns": rets.tolist()}
+    print(f"{path} (step {ck['global_step']}): return {rets.mean():.1f} +- {rets.std():.1f} over {args.eval_episodes} "
+          f"episodes in {out['env']}, normalised score {norm.mean():.1f} ({out['score_reference']})", file=sys.stderr)
+    print(json.dumps(out))
+    return out
+
+
 # ====================================================================================================
 # --benchmark: time every phase on random data of the env's real shapes
 # ====================================================================================================
@@ -1148,7 +1174,9 @@ if __name__ == "__main__":
 
     try:
         cli_args = tyro.cli(Args)
-        if cli_args.benchmark:
+        if cli_args.eval_only:
+            eval_only(cli_args)
+        elif cli_args.benchmark:
             result = benchmark(cli_args)
             print_benchmark(result, os.path.join(cli_args.runs_dir, f"benchmark_{'cuda' if 'cpu' not in result['device'] else 'cpu'}.json"))
         else:

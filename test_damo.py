@@ -548,3 +548,17 @@ def test_same_seed_same_eval_csv_on_cpu(minari_root, e2e_run, tmp_path):
         return [{k: v for k, v in r.items() if k != "wall_time_s"} for r in csv.DictReader(open(run / "eval.csv"))]
 
     assert rows(tmp_path / "again") == rows(e2e_run)
+
+
+def test_eval_only_reproduces_logged_evaluation_and_rejects_corrupt_checkpoint(minari_root, e2e_run, tmp_path):
+    p = run_cli(["--eval-only", str(e2e_run), "--eval-episodes", "2", "--seed", "3"], minari_root)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    last = list(csv.DictReader(open(e2e_run / "eval.csv")))[-1]
+    assert out["global_step"] == 200 and out["env"] == "Hopper-v5" and len(out["returns"]) == 2
+    assert out["return_mean"] == pytest.approx(float(last["return_mean"]), rel=1e-4)
+    assert out["normalized_score"] == pytest.approx(float(last["normalized_score"]), rel=1e-4)
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes((e2e_run / "checkpoint.pt").read_bytes()[:1000])  # truncated
+    p = run_cli(["--eval-only", str(bad)], minari_root)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "cannot load a checkpoint" in p.stderr
