@@ -1110,9 +1110,7 @@ def main(args: Args) -> dict:
                     writer.close()
                     raise DamoError(f"non-finite {k} = {v} at gradient step {global_step}; the run stopped "
                                     f"(files so far are in {run_dir}). Try a smaller learning rate or alpha.")
-                writer.add_scalar(("diagnostics/" if k.startswith(("disc_", "q_", "target_", "conservative",
-                                   "reward_", "entropy", "alpha_ent")) and not k.endswith("loss") else "losses/") + k,
-                                  v, global_step)
+                writer.add_scalar(("losses/" if k.endswith(("loss", "_mse")) else "diagnostics/") + k, v, global_step)
             if not args.bc:
                 for k, v in rollout_info.items():
                     writer.add_scalar(f"diagnostics/{k}", float(v), global_step)
