@@ -83,6 +83,16 @@ class Args:
     """time every phase on random data of the env's real shapes (no dataset needed), print a table and JSON, exit"""
     benchmark_repeats: int = 5
     """--benchmark: repeats per figure (the median is reported, after one warm-up)"""
+    compile: bool = False
+    """torch.compile the update's loss functions (off by default: README "Speed" has the measured gain)"""
+    resume: Optional[str] = None
+    """continue a killed (or finished) run from RUN/checkpoint.pt: its settings are kept, only --epochs (to extend it), --threads, --cuda, --log-every, --checkpoint-every and --track may change"""
+    checkpoint_every: int = 10_000
+    """gradient steps between full checkpoints (networks, optimisers, temperature, RNG states, synthetic buffer), each written atomically; one is also written at the end"""
+    checkpoint_buffer: bool = True
+    """store the synthetic buffer in the checkpoint (about 140 MB at the defaults) so that --resume continues exactly; without it a resume refills the buffer with --model-retain-rollouts fresh rollouts"""
+    capture_video: bool = False
+    """--eval-only: also write an MP4 of the first evaluation episode to videos/ beside the checkpoint (needs MuJoCo offscreen rendering: MUJOCO_GL=egl or osmesa)"""
 
     # --- logging ---
     runs_dir: str = "runs"
@@ -101,6 +111,8 @@ class Args:
     # --- data ---
     download: bool = True
     """download a missing Minari dataset (needs network and minari[hf]); --no-download fails at once instead"""
+    dataset_path: Optional[str] = None
+    """a D4RL hdf5 file (e.g. hopper_medium_expert-v2.hdf5) instead of a Minari dataset: evaluated in the matching Gymnasium v5 env with D4RL's reference returns (README "D4RL files")"""
 
     # --- dynamics ensemble (MOPO/MOBILE conventions) ---
     dynamics_path: Optional[str] = None
@@ -190,6 +202,8 @@ SHORT_IDS = [f"{e}-{q}" for e in ENVS for q in QUALITIES]
 # D4RL's reference returns (random, expert). On Minari's v5 data these give an *approximation* of the
 # paper's D4RL-v2 scale, because the environments and the data differ: always read raw returns too.
 D4RL_REF = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3)}
+# The Gymnasium env of each family (for --benchmark shapes and for D4RL files, whose obs match v5's).
+BENCH_ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
 
 
 def _remote_reachable(timeout: float = 5.0) -> bool:
@@ -326,6 +340,54 @@ def load_dataset(env_id: str, download: bool = True) -> tuple[dict, dict, gym.En
                 ref_min_score=ref[0], ref_max_score=ref[1], ref_source=ref_source,
                 n_transitions=int(len(data["rewards"])), n_episodes=sum(d.total_episodes for d in datasets),
                 minari_version=minari.__version__)
+    return data, info, env
+
+
+D4RL_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
+
+
+def load_d4rl_hdf5(path: str, env_id: str) -> tuple[dict, dict, gym.Env]:
+    """--dataset-path: a D4RL -v2 hdf5 file (flat arrays, one row per transition). `terminals` is the
+    bootstrap mask; `timeouts` end an episode without terminating, so they only count episodes. The env
+    family comes from the file name (hopper_medium_expert-v2.hdf5), else from --env-id; evaluation runs
+    in the Gymnasium v5 env of that family with D4RL's reference returns (README "D4RL files")."""
+    import h5py
+
+    name = os.path.basename(path).lower()
+    family = next((e for e in ENVS if e in name), None) or (env_id.split("-")[0] if env_id in SHORT_IDS else None)
+    if family is None:
+        raise DamoError(f"--dataset-path {path}: cannot tell the environment from the file name; name it like "
+                        f"D4RL's (hopper_medium-v2.hdf5) or pass a short --env-id such as hopper-medium")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in D4RL_KEYS if k not in f]
+            if missing:
+                raise DamoError(f"--dataset-path {path} lacks {missing}: expected D4RL's -v2 layout with keys "
+                                f"{', '.join(D4RL_KEYS)} (-v0/-v1 files have no next_observations; use -v2)")
+            raw = {k: np.asarray(f[k], dtype=np.float32) for k in D4RL_KEYS}
+    except (OSError, ValueError) as e:  # missing file, not hdf5, truncated
+        raise DamoError(f"--dataset-path {path}: cannot read it as hdf5 ({type(e).__name__}: {e})") from None
+    lengths = {k: len(v) for k, v in raw.items()}
+    if len(set(lengths.values())) != 1:
+        raise DamoError(f"--dataset-path {path}: arrays have different lengths {lengths}")
+    for k, v in raw.items():
+        if not np.isfinite(v).all():
+            raise DamoError(f"--dataset-path {path} has {int((~np.isfinite(v)).sum())} non-finite values in '{k}'")
+    env = gym.make(BENCH_ENVS[family])
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    if raw["observations"].shape[1:] != (obs_dim,) or raw["next_observations"].shape[1:] != (obs_dim,) \
+            or raw["actions"].shape[1:] != (act_dim,):
+        raise DamoError(f"--dataset-path {path}: obs {raw['observations'].shape[1:]}, act {raw['actions'].shape[1:]} "
+                        f"do not match {env.spec.id} (({obs_dim},), ({act_dim},)); is it a {family} file?")
+    ends = (raw["terminals"] > 0.5) | (raw["timeouts"] > 0.5)
+    data = {k: raw[k] for k in ("observations", "actions", "rewards", "next_observations")}
+    data["terminals"] = (raw["terminals"] > 0.5).astype(np.float32)  # timeouts still bootstrap
+    ref = D4RL_REF[family]
+    info = dict(dataset_ids=[f"d4rl:{os.path.basename(path)}"], env_family=family, eval_env_id=env.spec.id,
+                ref_min_score=ref[0], ref_max_score=ref[1],
+                ref_source=f"D4RL reference returns, evaluated in {env.spec.id} (not D4RL's mujoco-py env)",
+                n_transitions=int(len(data["rewards"])), n_episodes=int(ends.sum() + (not ends[-1])),
+                dataset_path=os.path.abspath(path))
     return data, info, env
 
 
@@ -802,6 +864,30 @@ def bc_update(ag: Agent, D: dict, N: int, args: Args) -> dict:
     return info
 
 
+def make_video_env(env_id: str, video_dir: str, prefix: str) -> gym.Env:
+    """The eval env wrapped in Gymnasium's RecordVideo (first episode), after checking that MuJoCo can
+    render offscreen here; if it cannot, say why and how to fix it instead of failing mid-evaluation."""
+    if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
+        os.environ["MUJOCO_GL"] = "egl"  # headless default (read when mujoco is first imported, just below)
+    try:
+        import moviepy  # noqa: F401  (RecordVideo encodes with it)
+    except ImportError:
+        raise DamoError("--capture-video needs moviepy: pip install moviepy") from None
+    try:
+        env = gym.make(env_id, render_mode="rgb_array")
+        env.reset(seed=0)
+        frame = env.render()
+        if frame is None or frame.ndim != 3:
+            raise RuntimeError(f"render() returned {type(frame).__name__}")
+    except Exception as e:
+        raise DamoError(
+            f"--capture-video: MuJoCo cannot render offscreen here (MUJOCO_GL={os.environ.get('MUJOCO_GL')}): "
+            f"{type(e).__name__}: {e}. Rendering needs an OpenGL backend: MUJOCO_GL=egl (a GPU driver or Mesa's "
+            f"libEGL) or MUJOCO_GL=osmesa (apt install libosmesa6; pip install PyOpenGL). "
+            f"Evaluation without --capture-video works without either.") from None
+    return gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda k: k == 0, name_prefix=prefix)
+
+
 def eval_only(args: Args) -> dict:
     """Evaluate a saved policy in its dataset's real environment: raw returns and normalised score."""
     path = os.path.join(args.eval_only, "checkpoint.pt") if os.path.isdir(args.eval_only) else args.eval_only
@@ -814,14 +900,22 @@ def eval_only(args: Args) -> dict:
         raise DamoError(f"--eval-only {args.eval_only}: cannot load a checkpoint from {path} ({type(e).__name__}: {e})") from None
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    env = gym.make(ck["data"]["eval_env_id"])
+    env_id = ck["data"]["eval_env_id"]
+    video_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "videos")
+    env = make_video_env(env_id, video_dir, f"step{ck['global_step']}") if args.capture_video else gym.make(env_id)
     rets = evaluate(actor, env, args.eval_episodes, args.seed + 10_000, ck["obs_mean"], ck["obs_std"], "cpu")
+    env.close()  # RecordVideo writes the MP4 here
     norm = normalized_score(rets, ck["data"])
-    out = {"checkpoint": path, "global_step": ck["global_step"], "env": ck["data"]["eval_env_id"],
+    out = {"checkpoint": path, "global_step": ck["global_step"], "env": env_id,
            "episodes": args.eval_episodes, "return_mean": float(rets.mean()), "return_std": float(rets.std()),
            "normalized_score": float(norm.mean()), "score_reference": ck["data"]["ref_source"], "returns": rets.tolist()}
+    if args.capture_video:
+        out["video"] = os.path.join(video_dir, f"step{ck['global_step']}-episode-0.mp4")
+        if not os.path.isfile(out["video"]):
+            raise DamoError(f"--capture-video: no video was written to {video_dir} (moviepy/ffmpeg failed silently?)")
     print(f"{path} (step {ck['global_step']}): return {rets.mean():.1f} +- {rets.std():.1f} over {args.eval_episodes} "
-          f"episodes in {out['env']}, normalised score {norm.mean():.1f} ({out['score_reference']})", file=sys.stderr)
+          f"episodes in {out['env']}, normalised score {norm.mean():.1f} ({out['score_reference']})"
+          + (f", video {out['video']}" if args.capture_video else ""), file=sys.stderr)
     print(json.dumps(out))
     return out
 
@@ -829,9 +923,6 @@ def eval_only(args: Args) -> dict:
 # ====================================================================================================
 # --benchmark: time every phase on random data of the env's real shapes
 # ====================================================================================================
-
-BENCH_ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
-
 
 def benchmark(args: Args) -> dict:
     """Median time of each phase over `benchmark_repeats` repeats after a warm-up, on random data with
@@ -946,10 +1037,23 @@ def load_dynamics(model: DynamicsEnsemble, path: str, obs_mean, obs_std, info: d
 
 
 def save_atomic(obj, path: str):
-    """Write to a temporary file, then rename: a kill at any moment leaves the old or the new file."""
+    """Write to a temporary file, then rename: a kill at any moment leaves the old or the new file.
+    A failed write (disk full, read-only folder) removes the partial file and keeps the old one."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:  # a Python file, so a full disk raises OSError(ENOSPC), not a C++ error
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise DamoError(f"cannot write {path} ({e.strerror or e}); the previous {os.path.basename(path)} and the "
+                        f"logs beside it are intact. Free disk space or fix permissions, then continue with "
+                        f"--resume {os.path.dirname(path) or '.'}") from None
 
 
 def package_versions() -> dict:
@@ -978,7 +1082,52 @@ class Progress:
             print(f"\r{text:<110}", end=end, file=sys.stderr, flush=True)
 
 
-def main(args: Args) -> dict:
+# settings a resumed run may change; every other flag is the run's own (config.json, the checkpoint)
+RESUME_MAY_CHANGE = ("resume", "epochs", "threads", "cuda", "log_every", "checkpoint_every", "track",
+                     "wandb_project_name", "wandb_entity", "download", "compile")
+
+
+def load_resume(args: Args, explicit: set) -> tuple[dict, Args]:
+    """--resume RUN: read RUN/checkpoint.pt and rebuild the run's Args from it. A flag given on the
+    command line that contradicts the run (another --env-id, --seed, alpha ...) is an error, not a
+    silent override; only RESUME_MAY_CHANGE may differ."""
+    run_dir = os.path.normpath(args.resume)
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise DamoError(f"--resume {run_dir}: no checkpoint.pt there (runs write one every --checkpoint-every steps)")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        saved, step = ck["args"], int(ck["global_step"])
+        if "rng" not in ck or "progress" not in ck:
+            raise KeyError("no training state (rng, progress) in it")
+    except Exception as e:
+        raise DamoError(f"--resume {run_dir}: checkpoint.pt cannot be loaded ({type(e).__name__}: {e}); it is "
+                        f"truncated, corrupt or from an older damo.py. Nothing in {run_dir} was changed.") from None
+    clash = [f for f in sorted(explicit) if f not in RESUME_MAY_CHANGE and f in saved and getattr(args, f) != saved[f]]
+    if clash:
+        what = ", ".join(f"--{f.replace('_', '-')} {saved[f]!r} (asked: {getattr(args, f)!r})" for f in clash)
+        raise DamoError(f"--resume {run_dir}: that run has {what}. A resumed run keeps its settings; drop those "
+                        f"flags, or start a new run. May change: "
+                        f"{', '.join('--' + f.replace('_', '-') for f in RESUME_MAY_CHANGE[1:])}.")
+    new = Args(**{**saved, **{f: getattr(args, f) for f in RESUME_MAY_CHANGE if f in explicit}})
+    new.resume, new.runs_dir, new.run_name = args.resume, os.path.dirname(run_dir) or ".", os.path.basename(run_dir)
+    if step >= new.epochs * new.steps_per_epoch:
+        raise DamoError(f"--resume {run_dir}: the run already finished at step {step}; pass a larger --epochs "
+                        f"(now {new.epochs}) to train it further")
+    return ck, new
+
+
+def explicit_flags(argv: list[str]) -> set:
+    """The Args fields named on the command line (--env-id x, --env-id=x, --no-cuda -> env_id, cuda)."""
+    names = set()
+    for a in argv:
+        if a.startswith("--"):
+            n = a[2:].split("=", 1)[0].replace("-", "_")
+            names.add(n[3:] if n.startswith("no_") and n[3:] in Args.__dataclass_fields__ else n)
+    return names & set(Args.__dataclass_fields__)
+
+
+def main(args: Args, explicit: Optional[set] = None) -> dict:
     t_start = time.time()
     timings = {"data_s": 0.0, "dynamics_s": 0.0, "rollout_s": 0.0, "update_s": 0.0, "eval_s": 0.0}
     for name in ("alpha", "beta", "bc_coef"):
@@ -986,8 +1135,15 @@ def main(args: Args) -> dict:
             raise DamoError(f"--{name.replace('_', '-')} must be >= 0 (0 switches its term off)")
     if not 0.0 < args.real_ratio <= 1.0:
         raise DamoError("--real-ratio must be in (0, 1]")
+    if args.checkpoint_every < 1:
+        raise DamoError("--checkpoint-every must be >= 1")
+    ck = None
+    if args.resume:  # called from Python without `explicit`: every field that differs from the default counts
+        explicit = explicit if explicit is not None else {f for f in Args.__dataclass_fields__
+                                                          if getattr(args, f) != getattr(Args(), f)}
+        ck, args = load_resume(args, explicit)
 
-    # --- seeding (CleanRL block) ---
+    # --- seeding (CleanRL block); a resumed run restores every RNG state just before its loop ---
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -999,7 +1155,10 @@ def main(args: Args) -> dict:
 
     # --- 1. data ---
     t0 = time.time()
-    data, info, env = load_dataset(args.env_id, download=args.download)
+    if args.dataset_path:
+        data, info, env = load_d4rl_hdf5(args.dataset_path, args.env_id)
+    else:
+        data, info, env = load_dataset(args.env_id, download=args.download)
     obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
     family = info["env_family"]
     term_fn = termination_fn_for(family, data) if not args.bc else never_terminates
@@ -1015,6 +1174,11 @@ def main(args: Args) -> dict:
     }
     N = D["rew"].shape[0]
     timings["data_s"] = time.time() - t0
+    if ck is not None and (ck["data"]["dataset_ids"] != info["dataset_ids"] or ck["data"]["n_transitions"] != N
+                           or not torch.allclose(ck["obs_mean"].to(obs_mean), obs_mean)):
+        raise DamoError(f"--resume {args.resume}: the run trained on {ck['data']['dataset_ids']} "
+                        f"({ck['data']['n_transitions']} transitions); the data found now is {info['dataset_ids']} "
+                        f"({N}). Point MINARI_DATASETS_PATH / --dataset-path at the run's data.")
 
     # --- run folder and loggers ---
     run_name = args.run_name or f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -1022,43 +1186,97 @@ def main(args: Args) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    config = {"args": asdict(args), "data": info, "device": str(device), "versions": package_versions()}
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    start_step = 0 if ck is None else int(ck["global_step"])
+    # purge_step: TensorBoard drops events a killed run logged after its last checkpoint (no duplicates)
+    writer = SummaryWriter(run_dir, purge_step=start_step + 1 if ck is not None else None)
+    eval_path = os.path.join(run_dir, "eval.csv")
+    header = ["global_step", "epoch", "return_mean", "return_std", "normalized_score", "normalized_score_std",
+              "wall_time_s"]
+    if ck is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        config = {"args": asdict(args), "data": info, "device": str(device), "versions": package_versions()}
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        rows = []
+    else:  # keep the evaluations up to the checkpoint; later ones are redone by this run
+        rows = []
+        if os.path.isfile(eval_path):
+            with open(eval_path, newline="") as f:
+                rows = [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= start_step]
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=config, name=run_name, save_code=True)
-    eval_file = open(os.path.join(run_dir, "eval.csv"), "w", newline="")
+                   config={"args": asdict(args), "data": info}, name=run_name, save_code=True,
+                   id=run_name, resume="allow")
+    with open(eval_path + ".tmp", "w", newline="") as f:  # (re)written atomically, then appended row by row
+        csv.writer(f).writerows([header, *rows])
+    os.replace(eval_path + ".tmp", eval_path)
+    eval_file = open(eval_path, "a", newline="")
     eval_csv = csv.writer(eval_file)
-    eval_csv.writerow(["global_step", "epoch", "return_mean", "return_std", "normalized_score",
-                       "normalized_score_std", "wall_time_s"])
-    eval_file.flush()
     print(f"run {run_dir}: {info['dataset_ids']} ({N} transitions, {info['n_episodes']} episodes), "
-          f"eval env {info['eval_env_id']}, scores: {info['ref_source']}, device {device}", file=sys.stderr)
+          f"eval env {info['eval_env_id']}, scores: {info['ref_source']}, device {device}"
+          + (f", resumed at step {start_step}" if ck is not None else ""), file=sys.stderr)
 
     # --- networks ---
     ag = make_agent(obs_dim, act_dim, args, device)
     actor, dynamics, disc, critic = ag.actor, ag.dynamics, ag.disc, ag.critic
+    modules = {"actor": actor, "dynamics": dynamics, "discriminator": disc, "critic": critic,
+               "critic_target": ag.critic_target}
+    optims = {"actor": ag.actor_opt, "critic": ag.critic_opt, "discriminator": ag.disc_opt,
+              "alpha_ent": ag.alpha_ent_opt}
+    if not args.bc:
+        synthetic = SyntheticBuffer(args.rollout_batch_size * args.rollout_length * args.model_retain_rollouts,
+                                    obs_dim, act_dim, device)
+    scores, returns_hist, last_returns, rollout_info, dyn_info, resumed_at = [], [], None, {}, {}, []
 
     def checkpoint(step: int):
+        """Everything needed to continue exactly: networks, optimisers, temperature, synthetic buffer,
+        RNG states, the step and the run's history (written atomically by save_atomic)."""
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+        buffer = None
+        if not args.bc and args.checkpoint_buffer:
+            buffer = {"size": synthetic.size, "ptr": synthetic.ptr,
+                      "data": {k: v[: synthetic.size] for k, v in synthetic.data.items()}}
         save_atomic({
             "args": asdict(args), "data": info, "global_step": step, "obs_mean": obs_mean.cpu(), "obs_std": obs_std.cpu(),
-            "actor": actor.state_dict(),
-            "dynamics": dynamics.state_dict() if dynamics is not None else None,
-            "discriminator": disc.state_dict() if disc is not None else None,
-            "critic": critic.state_dict() if critic is not None else None,
-            "critic_target": ag.critic_target.state_dict() if critic is not None else None,
+            **{k: m.state_dict() if m is not None else None for k, m in modules.items()},
             "log_alpha_ent": ag.log_alpha_ent.detach().cpu() if critic is not None else None,
+            "optimizers": {k: o.state_dict() for k, o in optims.items() if o is not None},
+            "synthetic": buffer, "rng": rng,
+            "progress": {"scores": scores, "returns": returns_hist, "last_returns": last_returns,
+                         "rollout_info": {k: float(v) for k, v in rollout_info.items()}, "timings": timings,
+                         "elapsed_s": time.time() - t_start, "dynamics": dyn_info, "resumed_at": resumed_at},
         }, os.path.join(run_dir, "checkpoint.pt"))
 
     status = Progress()
-    dyn_info = {}
-    # --- 2. dynamics ensemble on D (Eq. 9), or a saved one ---
-    if not args.bc and args.dynamics_path:
+    # --- 2. dynamics ensemble on D (Eq. 9), a saved one, or the resumed run's ---
+    if ck is not None:
+        for k, m in modules.items():
+            if m is not None:
+                m.load_state_dict(ck[k])
+        for k, o in optims.items():
+            if o is not None:
+                o.load_state_dict(ck["optimizers"][k])
+        if critic is not None:
+            with torch.no_grad():
+                ag.log_alpha_ent.copy_(ck["log_alpha_ent"])
+        p = ck["progress"]
+        scores, returns_hist, last_returns, dyn_info = p["scores"], p["returns"], p["last_returns"], p["dynamics"]
+        rollout_info, timings, resumed_at = p["rollout_info"], p["timings"], p["resumed_at"] + [start_step]
+        t_start = time.time() - p["elapsed_s"]
+        if not args.bc and ck["synthetic"] is not None:
+            b = ck["synthetic"]
+            for k, v in b["data"].items():
+                synthetic.data[k][: b["size"]] = v.to(device)
+            synthetic.size, synthetic.ptr = b["size"], b["ptr"]
+        elif not args.bc:  # documented rebuild (--no-checkpoint-buffer): fresh rollouts of the current policy
+            for _ in range(args.model_retain_rollouts):
+                start = D["obs"][torch.randint(N, (args.rollout_batch_size,), device=device)]
+                synthetic.add(model_rollout(dynamics, actor, start, args.rollout_length, term_fn, obs_mean, obs_std))
+        status(f"resumed {run_dir} at step {start_step} (dynamics from the checkpoint, not retrained)", force=True)
+    elif not args.bc and args.dynamics_path:
         dyn_info = load_dynamics(dynamics, args.dynamics_path, obs_mean, obs_std, info)
         status(f"dynamics: loaded {args.dynamics_path}, elites {dyn_info['elites']}", force=True)
     elif not args.bc:
@@ -1079,15 +1297,18 @@ def main(args: Args) -> dict:
             writer.add_scalar("diagnostics/dynamics_holdout_mse", v, k)
         save_atomic({"dynamics": dynamics.state_dict(), "obs_mean": obs_mean.cpu(), "obs_std": obs_std.cpu(),
                      "data": info, "info": dyn_info}, os.path.join(run_dir, "dynamics.pt"))
-    if not args.bc:
-        synthetic = SyntheticBuffer(args.rollout_batch_size * args.rollout_length * args.model_retain_rollouts,
-                                    obs_dim, act_dim, device)
+    if ck is not None:  # last, so that the refill above does not shift the random streams
+        random.setstate(ck["rng"]["python"])
+        np.random.set_state(ck["rng"]["numpy"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        if device.type == "cuda" and ck["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
 
     # --- 3. the maximin loop ---
+    update = bc_update if args.bc else damo_update
     total_steps = args.epochs * args.steps_per_epoch
-    scores, returns_hist, last_returns = [], [], None
-    info_log, global_step = {}, 0
-    for global_step in range(1, total_steps + 1):
+    info_log, global_step = {}, start_step
+    for global_step in range(start_step + 1, total_steps + 1):
         t0 = time.time()
         if not args.bc and (global_step - 1) % args.rollout_freq == 0:
             start = D["obs"][torch.randint(N, (args.rollout_batch_size,), device=device)]
@@ -1098,7 +1319,7 @@ def main(args: Args) -> dict:
                             "rollout_done_rate": roll["done"].mean()}
             t0 = time.time()
 
-        info_log = bc_update(ag, D, N, args) if args.bc else damo_update(ag, D, N, synthetic, args)
+        info_log = update(ag, D, N, args) if args.bc else update(ag, D, N, synthetic, args)
         timings["update_s"] += time.time() - t0
 
         # --- logging: the only host syncs of the loop ---
@@ -1111,10 +1332,9 @@ def main(args: Args) -> dict:
                     raise DamoError(f"non-finite {k} = {v} at gradient step {global_step}; the run stopped "
                                     f"(files so far are in {run_dir}). Try a smaller learning rate or alpha.")
                 writer.add_scalar(("losses/" if k.endswith(("loss", "_mse")) else "diagnostics/") + k, v, global_step)
-            if not args.bc:
-                for k, v in rollout_info.items():
-                    writer.add_scalar(f"diagnostics/{k}", float(v), global_step)
-            sps = global_step / max(timings["update_s"] + timings["rollout_s"], 1e-9)
+            for k, v in rollout_info.items():
+                writer.add_scalar(f"diagnostics/{k}", float(v), global_step)
+            sps = (global_step - start_step) / max(timings["update_s"] + timings["rollout_s"], 1e-9)
             writer.add_scalar("charts/SPS", sps, global_step)
 
         # --- evaluation closes each epoch ---
@@ -1128,13 +1348,12 @@ def main(args: Args) -> dict:
             norm = normalized_score(rets, info)
             scores.append(float(norm.mean()))
             returns_hist.append(float(rets.mean()))
-            last_returns = rets
+            last_returns = rets.tolist()
             eval_csv.writerow([global_step, epoch, f"{rets.mean():.4f}", f"{rets.std():.4f}", f"{norm.mean():.4f}",
                                f"{norm.std():.4f}", f"{time.time() - t_start:.2f}"])
             eval_file.flush()
             writer.add_scalar("charts/return_mean", rets.mean(), global_step)
             writer.add_scalar("charts/normalized_score", norm.mean(), global_step)
-            checkpoint(global_step)
             sps = global_step / max(timings["update_s"] + timings["rollout_s"], 1e-9)
             status(f"epoch {epoch}/{args.epochs} step {global_step}: return {rets.mean():.1f} +- {rets.std():.1f}, "
                    f"score {norm.mean():.1f}, {sps:.0f} steps/s", force=True)
@@ -1142,6 +1361,9 @@ def main(args: Args) -> dict:
             sps = global_step / max(timings["update_s"] + timings["rollout_s"], 1e-9)
             last = f"{scores[-1]:.1f}" if scores else "-"
             status(f"step {global_step}/{total_steps}, {sps:.0f} steps/s, last score {last}")
+        if global_step % args.checkpoint_every == 0 or global_step == total_steps:
+            writer.flush()  # the TensorBoard events up to the checkpoint are on disk with it
+            checkpoint(global_step)
 
     eval_file.close()
     writer.close()
@@ -1154,11 +1376,11 @@ def main(args: Args) -> dict:
         "last10_normalized_score": float(np.mean(scores[-10:])) if scores else None,
         "final_return_mean": returns_hist[-1] if returns_hist else None,
         "last10_return_mean": float(np.mean(returns_hist[-10:])) if returns_hist else None,
-        "final_returns": last_returns.tolist() if last_returns is not None else None,
+        "final_returns": last_returns,
         "score_reference": info["ref_source"],
         "gradient_steps_per_s": global_step / max(train_s, 1e-9),
         "wall_time_s": {**timings, "total_s": time.time() - t_start},
-        "dynamics": dyn_info, "device": str(device), "versions": package_versions(),
+        "dynamics": dyn_info, "resumed_at_steps": resumed_at, "device": str(device), "versions": package_versions(),
     }
     with open(os.path.join(run_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -1178,7 +1400,7 @@ if __name__ == "__main__":
             result = benchmark(cli_args)
             print_benchmark(result, os.path.join(cli_args.runs_dir, f"benchmark_{'cuda' if 'cpu' not in result['device'] else 'cpu'}.json"))
         else:
-            main(cli_args)
+            main(cli_args, explicit_flags(sys.argv[1:]))
     except DamoError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         sys.exit(2)

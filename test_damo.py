@@ -562,3 +562,187 @@ def test_eval_only_reproduces_logged_evaluation_and_rejects_corrupt_checkpoint(m
     bad.write_bytes((e2e_run / "checkpoint.pt").read_bytes()[:1000])  # truncated
     p = run_cli(["--eval-only", str(bad)], minari_root)
     assert p.returncode == 2 and "Traceback" not in p.stderr and "cannot load a checkpoint" in p.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# long runs: resume after SIGKILL, faults, D4RL files, video
+# --------------------------------------------------------------------------------------------------
+
+# 4 epochs of 100 steps, a checkpoint every 150 steps (not on an epoch boundary, so a kill can leave
+# evaluations newer than the checkpoint), the e2e run's ensemble (no retraining), small networks.
+RESUMABLE = ["--env-id", "hopper-medium-expert", "--seed", "3", "--no-download", "--epochs", "4",
+             "--steps-per-epoch", "100", "--log-every", "50", "--rollout-freq", "50", "--rollout-batch-size", "500",
+             "--rollout-length", "3", "--eval-episodes", "2", "--threads", "1", "--hidden", "64",
+             "--checkpoint-every", "150"]
+
+
+def eval_rows(run):  # every column but the wall time
+    return [{k: v for k, v in r.items() if k != "wall_time_s"} for r in csv.DictReader(open(run / "eval.csv"))]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(minari_root, e2e_run, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("resume")
+    p = run_cli([*RESUMABLE, "--dynamics-path", str(e2e_run / "dynamics.pt"), "--runs-dir", str(runs),
+                 "--run-name", "full"], minari_root)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return runs / "full"
+
+
+def tb_steps(run, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run))
+    ea.Reload()
+    return [e.step for e in ea.Scalars(tag)]
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(minari_root, e2e_run, uninterrupted, tmp_path):
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(minari_root), **OFFLINE_ENV, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, str(HERE / "damo.py"), *RESUMABLE, "--dynamics-path", str(e2e_run / "dynamics.pt"),
+           "--runs-dir", str(tmp_path), "--run-name", "killed"]
+    proc = subprocess.Popen(cmd, env=env, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run, t0 = tmp_path / "killed", time.time()
+    # SIGKILL right after the evaluation at step 200: the checkpoint is at 150, so eval.csv and
+    # TensorBoard hold rows the checkpoint does not know, which the resume must drop and redo
+    while not ((run / "eval.csv").exists() and len((run / "eval.csv").read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.time() - t0 < 300, "the run ended before it could be killed"
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert ck["global_step"] in (150, 300)  # 300 only if the kill came late
+    p = run_cli(["--resume", str(run)], minari_root)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"resumed at step {ck['global_step']}" in p.stderr
+    # the same evaluations as the uninterrupted run, row for row, none missing or repeated: on CPU with
+    # a fixed seed the resumed run is exact (networks, optimisers, buffer and RNG states are restored)
+    assert eval_rows(run) == eval_rows(uninterrupted)
+    assert [int(r["global_step"]) for r in eval_rows(run)] == [100, 200, 300, 400]
+    assert tb_steps(run, "charts/return_mean") == [100, 200, 300, 400]
+    assert tb_steps(run, "losses/critic_loss") == list(range(50, 401, 50))
+    final = torch.load(run / "checkpoint.pt", weights_only=False)
+    ref = torch.load(uninterrupted / "checkpoint.pt", weights_only=False)
+    assert final["global_step"] == 400
+    assert all(torch.equal(final["actor"][k], ref["actor"][k]) for k in ref["actor"])
+    res = json.load(open(run / "results.json"))
+    assert res["resumed_at_steps"] == [ck["global_step"]] and res["global_steps"] == 400
+
+
+def copy_run(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_resume_faults_leave_the_run_intact(minari_root, uninterrupted, tmp_path):
+    # a finished run: resuming it needs a larger --epochs
+    p = run_cli(["--resume", str(uninterrupted)], minari_root)
+    assert p.returncode == 2 and "already finished at step 400" in p.stderr and "--epochs" in p.stderr
+    # another env id than the run's: refused, nothing touched
+    run = copy_run(uninterrupted, tmp_path / "other_env")
+    before = (run / "eval.csv").read_bytes()
+    p = run_cli(["--resume", str(run), "--env-id", "walker2d-medium", "--epochs", "5"], minari_root)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "--env-id 'hopper-medium-expert' (asked: 'walker2d-medium')" in p.stderr
+    assert (run / "eval.csv").read_bytes() == before
+    # a truncated checkpoint: a clear message, the folder unchanged
+    run = copy_run(uninterrupted, tmp_path / "truncated")
+    (run / "checkpoint.pt").write_bytes((uninterrupted / "checkpoint.pt").read_bytes()[:5000])
+    p = run_cli(["--resume", str(run), "--epochs", "5"], minari_root)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "checkpoint.pt cannot be loaded" in p.stderr and "truncated" in p.stderr
+    assert (run / "eval.csv").read_bytes() == before
+    p = run_cli(["--resume", str(tmp_path / "nowhere")], minari_root)
+    assert p.returncode == 2 and "no checkpoint.pt there" in p.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full to make writes fail with ENOSPC")
+def test_full_disk_during_checkpoint_keeps_the_previous_one(minari_root, uninterrupted, tmp_path):
+    run = copy_run(uninterrupted, tmp_path / "full_disk")
+    # the checkpoint's temporary file points at /dev/full: every write to it fails with ENOSPC, as on a full disk
+    os.symlink("/dev/full", run / "checkpoint.pt.tmp")
+    p = run_cli(["--resume", str(run), "--epochs", "5"], minari_root)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "No space left on device" in p.stderr and "intact" in p.stderr and "--resume" in p.stderr
+    assert not os.path.lexists(run / "checkpoint.pt.tmp")
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["global_step"] == 400  # the previous one, loadable
+    # the failed write was the checkpoint at step 450 (every 150 steps), before the evaluation at 500
+    assert [int(r["global_step"]) for r in eval_rows(run)] == [100, 200, 300, 400]
+    # with space again, the resume continues from the intact checkpoint
+    p = run_cli(["--resume", str(run), "--epochs", "5"], minari_root)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [int(r["global_step"]) for r in eval_rows(run)] == [100, 200, 300, 400, 500]
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["global_step"] == 500
+
+
+def write_d4rl_file(path, data, obs_dim=None):
+    """A file in D4RL's -v2 layout: flat arrays, `terminals` and `timeouts` flags."""
+    import h5py
+
+    n = len(data["rewards"])
+    timeouts = np.zeros(n, dtype=bool)
+    ends = np.flatnonzero(~np.isclose(data["next_observations"][:-1], data["observations"][1:]).all(1))
+    timeouts[ends[~data["terminals"][ends].astype(bool)]] = True  # episode ends that are not terminations
+    timeouts[[n // 2, n - 1]] = ~data["terminals"][[n // 2, n - 1]].astype(bool)  # and a time limit cut there
+    obs = data["observations"] if obs_dim is None else np.zeros((n, obs_dim), np.float32)
+    with h5py.File(path, "w") as f:
+        f["observations"], f["actions"], f["rewards"] = obs, data["actions"], data["rewards"]
+        f["next_observations"] = data["next_observations"] if obs_dim is None else obs
+        f["terminals"], f["timeouts"] = data["terminals"].astype(bool), timeouts
+    return timeouts
+
+
+def test_d4rl_hdf5_file(minari_root, tmp_path):
+    data, _, _ = damo.load_dataset("mujoco/hopper/medium-v0", download=False)
+    path = tmp_path / "hopper_medium-v2.hdf5"
+    timeouts = write_d4rl_file(path, data)
+    d, info, env = damo.load_d4rl_hdf5(str(path), "hopper-medium-expert")
+    assert env.spec.id == "Hopper-v5" and info["env_family"] == "hopper" and info["n_transitions"] == 8000
+    assert (info["ref_min_score"], info["ref_max_score"]) == damo.D4RL_REF["hopper"] and "D4RL" in info["ref_source"]
+    # terminals are the bootstrap mask; timeouts end episodes but still bootstrap
+    assert np.array_equal(d["terminals"], data["terminals"]) and timeouts.any() and not d["terminals"][timeouts].any()
+    assert info["n_episodes"] == int(data["terminals"].sum() + timeouts.sum())
+    p = run_cli(["--dataset-path", str(path), "--runs-dir", str(tmp_path), "--run-name", "d4rl", *TINY, "--epochs", "1",
+                 "--hidden", "64"], minari_root)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.load(open(tmp_path / "d4rl" / "results.json"))
+    assert res["dataset_ids"] == ["d4rl:hopper_medium-v2.hdf5"] and "D4RL reference" in res["score_reference"]
+    assert math.isfinite(res["final_normalized_score"])
+    # a file whose shapes do not match its env, and one that is not D4RL's layout
+    bad = tmp_path / "hopper_bad-v2.hdf5"
+    write_d4rl_file(bad, data, obs_dim=17)
+    with pytest.raises(damo.DamoError, match=r"do not match Hopper-v5"):
+        damo.load_d4rl_hdf5(str(bad), "hopper-medium")
+    import h5py
+
+    with h5py.File(tmp_path / "hopper_old-v0.hdf5", "w") as f:
+        f["observations"] = data["observations"]
+    with pytest.raises(damo.DamoError, match="lacks"):
+        damo.load_d4rl_hdf5(str(tmp_path / "hopper_old-v0.hdf5"), "hopper-medium")
+    (tmp_path / "hopper_text-v2.hdf5").write_text("not hdf5")
+    with pytest.raises(damo.DamoError, match="cannot read it as hdf5"):
+        damo.load_d4rl_hdf5(str(tmp_path / "hopper_text-v2.hdf5"), "hopper-medium")
+
+
+def rendering_works() -> bool:
+    code = ("import gymnasium as gym; e = gym.make('Hopper-v5', render_mode='rgb_array'); e.reset(seed=0); "
+            "assert e.render().ndim == 3")
+    env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=120).returncode == 0
+
+
+def test_eval_only_capture_video(minari_root, e2e_run, tmp_path):
+    run = copy_run(e2e_run, tmp_path / "video")
+    p = run_cli(["--eval-only", str(run), "--eval-episodes", "2", "--seed", "3", "--capture-video"], minari_root)
+    if rendering_works():  # MuJoCo renders offscreen here (EGL or OSMesa): an MP4 of the first episode
+        assert p.returncode == 0, p.stderr[-3000:]
+        out = json.loads(p.stdout.strip().splitlines()[-1])
+        video = Path(out["video"])
+        assert video.parent == run / "videos" and video.suffix == ".mp4"
+        assert video.stat().st_size > 1000 and video.read_bytes()[4:8] == b"ftyp"  # an MP4 container
+        last = list(csv.DictReader(open(run / "eval.csv")))[-1]  # recording does not change the evaluation
+        assert out["return_mean"] == pytest.approx(float(last["return_mean"]), rel=1e-4)
+    else:  # it cannot: a clear reason, no traceback
+        assert p.returncode == 2 and "Traceback" not in p.stderr and "cannot render offscreen" in p.stderr
