@@ -864,9 +864,11 @@ def damo_update(ag: Agent, D: dict, N: int, synthetic: "SyntheticBuffer", args: 
                                  args.alpha, args.gamma)
     sgd_step(ag.critic_opt, loss_q)
     s_bc = offline if offline is not None else off
+    ag.critic.requires_grad_(False)  # the actor's backward needs dQ/da only, not the critics' weight gradients
     loss_pi, info_pi, logp = ag.losses.actor(ag.critic, ag.actor, ag.log_alpha_ent, batch["obs"], s_bc["obs"], s_bc["act"],
                                         args.alpha, args.bc_coef)
     sgd_step(ag.actor_opt, loss_pi)
+    ag.critic.requires_grad_(True)
     loss_a, info_a = ag.losses.temperature(ag.log_alpha_ent, logp, ag.target_entropy)
     sgd_step(ag.alpha_ent_opt, loss_a)
     with torch.no_grad():  # Polyak averaging of the target critics, in place, one fused call

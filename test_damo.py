@@ -786,3 +786,19 @@ def test_compiled_losses_equal_plain():
         assert torch.allclose(plain.log_alpha_ent, fast.log_alpha_ent)
     finally:
         inductor_config.fallback_random = old
+
+
+def test_minari_dataset_whose_shapes_do_not_match_its_env(minari_root):
+    """A Minari dataset that declares Hopper-v5 but holds 12-dim observations: refused with both shapes."""
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    rng = np.random.default_rng(0)
+    buf = EpisodeBuffer(id=0, seed=0, observations=rng.standard_normal((51, 12)),
+                        actions=rng.uniform(-1, 1, (50, 3)).astype(np.float32), rewards=rng.standard_normal(50),
+                        terminations=np.zeros(50, bool), truncations=np.r_[np.zeros(49, bool), True])
+    minari.create_dataset_from_buffers(dataset_id="mujoco/hopper/wrongshape-v0", buffer=[buf], env="Hopper-v5",
+                                       observation_space=gym.spaces.Box(-np.inf, np.inf, (12,), np.float64),
+                                       action_space=gym.spaces.Box(-1, 1, (3,), np.float32))
+    with pytest.raises(damo.DamoError, match=r"obs 12, act 3 do not match the env Hopper-v5 \(11, 3\)"):
+        damo.load_dataset("mujoco/hopper/wrongshape-v0", download=False)
