@@ -167,7 +167,10 @@ def diagnose(run: str, out: str | None = None, n: int = 2000, episodes: int = 5,
     if ck["dynamics"] is None:
         raise damo.DamoError(f"{run} is a BC run: it has no dynamics model, critic or discriminator to diagnose")
     torch.manual_seed(seed)
-    data, info, env = damo.load_dataset(a.env_id, download=False)
+    if a.dataset_path:
+        data, info, env = damo.load_d4rl_hdf5(a.dataset_path, a.env_id)
+    else:
+        data, info, env = damo.load_dataset(a.env_id, download=False)
     mean, std = ck["obs_mean"], ck["obs_std"]
     obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
     actor = damo.Actor(obs_dim, act_dim, a.hidden)
