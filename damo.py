@@ -84,7 +84,7 @@ class Args:
     benchmark_repeats: int = 5
     """--benchmark: repeats per figure (the median is reported, after one warm-up)"""
     compile: bool = False
-    """torch.compile the update's loss functions (off by default: README "Speed" has the measured gain)"""
+    """torch.compile the update's loss functions (off by default: on the 2-core CPU it measured slower, 27 vs 32 steps/s; README "Speed")"""
     resume: Optional[str] = None
     """continue a killed (or finished) run from RUN/checkpoint.pt: its settings are kept, only --epochs (to extend it), --threads, --cuda, --log-every, --checkpoint-every and --track may change"""
     checkpoint_every: int = 10_000
@@ -1361,7 +1361,7 @@ def main(args: Args, explicit: Optional[set] = None) -> dict:
                 writer.add_scalar(("losses/" if k.endswith(("loss", "_mse")) else "diagnostics/") + k, v, global_step)
             for k, v in rollout_info.items():
                 writer.add_scalar(f"diagnostics/{k}", float(v), global_step)
-            sps = (global_step - start_step) / max(timings["update_s"] + timings["rollout_s"], 1e-9)
+            sps = global_step / max(timings["update_s"] + timings["rollout_s"], 1e-9)
             writer.add_scalar("charts/SPS", sps, global_step)
 
         # --- evaluation closes each epoch ---
