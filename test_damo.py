@@ -445,6 +445,8 @@ def test_damo_learns_hopper_from_medium_data(tmp_path, monkeypatch):
         _, returns = build("mujoco/hopper/medium-v0", "hopper-medium.npz", 20000, 0)
     data_return = float(returns.mean())  # the behaviour data's average episode return
     p = run_cli(["--env-id", "mujoco/hopper/medium-v0", "--seed", "0", "--hidden", "64", "--dynamics-hidden", "64",
+                 # the loss weights are spelled out, so that changing damo.py's defaults does not change this test
+                 "--alpha", "5", "--beta", "0.1", "--real-ratio", "0.5",
                  "--bc-coef", "0", "--actor-lr", "3e-4", "--epochs", "7", "--steps-per-epoch", "1000", "--rollout-batch-size", "5000",
                  "--dynamics-max-epochs", "10", "--eval-episodes", "5", "--threads", "1", "--no-download",
                  "--runs-dir", str(tmp_path), "--run-name", "learn"], root)
