@@ -148,7 +148,7 @@ class Args:
 
     # --- discriminator: data alignment, "er" ---
     beta: float = 0.1
-    """beta, weight of the data-alignment reward correction r~ = r + beta * clip(logit D) (Eq. 4; 0 = the paper's "w/o er"); our choice, from a first prototype of this derivation, not re-tuned (README "Evidence")"""
+    """beta, weight of the data-alignment reward correction r~ = r + beta * clip(logit D) (Eq. 4; 0 = the paper's "w/o er"); our choice, from a first prototype of this derivation; beta 0 was worse on last-10 (README "Evidence")"""
     logit_clip: float = 5.0
     """c, the discriminator logit is clipped to [-c, c] in Eq. 4 (our choice)"""
     disc_hidden: int = 256
@@ -158,9 +158,9 @@ class Args:
 
     # --- critics and actor: behaviour alignment, "ir" ---
     alpha: float = 5.0
-    """alpha, weight of the conservative behaviour-alignment term (Eq. 5; 0 = the paper's "w/o ir"); our choice, from a first prototype of this derivation, not re-tuned (README "Evidence")"""
+    """alpha, weight of the conservative behaviour-alignment term (Eq. 5; 0 = the paper's "w/o ir"); our choice, kept after 2-3 seed comparisons with alpha 1 and 10 at the CPU budget: neither better beyond the seed spread, alpha 5 the steadiest (README "Choosing the defaults")"""
     bc_coef: float = 0.2
-    """eta: policy-side part of the behaviour divergence in the actor, weight alpha * eta on ||mu(s) - a||^2 (Eq. 7b, ours; alpha * eta = 1 at the defaults, the prototype's setting)"""
+    """eta: policy-side part of the behaviour divergence in the actor, weight alpha * eta on ||mu(s) - a||^2 (Eq. 7b, ours; alpha * eta = 1 at the defaults: 0 swung more and 0.125 was worse, README "Choosing the defaults")"""
     gamma: float = 0.99
     """discount (MOPO/MOBILE default)"""
     tau: float = 0.005
