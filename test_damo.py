@@ -804,3 +804,18 @@ def test_minari_dataset_whose_shapes_do_not_match_its_env(minari_root):
                                        action_space=gym.spaces.Box(-1, 1, (3,), np.float32))
     with pytest.raises(damo.DamoError, match=r"obs 12, act 3 do not match the env Hopper-v5 \(11, 3\)"):
         damo.load_dataset("mujoco/hopper/wrongshape-v0", download=False)
+
+
+def test_resume_without_buffer_in_checkpoint_refills_it(minari_root, e2e_run, tmp_path):
+    """--no-checkpoint-buffer: small checkpoints; a resume refills the synthetic buffer with fresh rollouts."""
+    args = [*RESUMABLE, "--dynamics-path", str(e2e_run / "dynamics.pt"), "--runs-dir", str(tmp_path),
+            "--run-name", "nobuf", "--no-checkpoint-buffer"]
+    p = run_cli([*args[: args.index("--epochs") + 1], "2", *args[args.index("--epochs") + 2:]], minari_root)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = tmp_path / "nobuf"
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["synthetic"] is None
+    p = run_cli(["--resume", str(run), "--epochs", "3"], minari_root)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [int(r["global_step"]) for r in eval_rows(run)] == [100, 200, 300]
+    assert all(math.isfinite(float(r["return_mean"])) for r in eval_rows(run))
+    assert json.load(open(run / "results.json"))["resumed_at_steps"] == [200]
