@@ -29,7 +29,7 @@ Map of the file (top to bottom, in the order of the algorithm):
                                      critic_loss (Eqs. 4-6), actor_loss (Eq. 7), alpha_loss (Eq. 8)
     5. Dynamics training, model rollouts, evaluation
     6. main(): train dynamics -> loop { rollout, discriminator, critic, actor, temperature,
-                                        target update, log, evaluate }
+                                        target update, log, evaluate, checkpoint }; --resume
 """
 
 from __future__ import annotations
