@@ -339,6 +339,7 @@ def load_dataset(env_id: str, download: bool = True) -> tuple[dict, dict, gym.En
     info = dict(dataset_ids=ids, env_family=family, eval_env_id=env.spec.id if env.spec else None,
                 ref_min_score=ref[0], ref_max_score=ref[1], ref_source=ref_source,
                 n_transitions=int(len(data["rewards"])), n_episodes=sum(d.total_episodes for d in datasets),
+                n_transitions_per_dataset=[int(d.total_steps) for d in datasets],
                 minari_version=minari.__version__)
     return data, info, env
 

@@ -4,6 +4,8 @@
     python plot.py runs/ --band ci95          # 95% bootstrap band instead of +- std
     python plot.py diagnose runs/RUN          # offline / synthetic / real data, value over-estimation,
                                               # discriminator probabilities, for one checkpoint
+    python plot.py data hopper-medium-expert  # per source dataset: episode length, reward per step and
+                                              # discounted return from the start (what a critic can see)
 
 Curves (the paper's Fig. 3a / 5 style): runs are grouped by env id and variant (DAMO, w/o er,
 w/o ir, BC, and any non-default alpha / beta / eta), each run's eval.csv is interpolated onto the
@@ -191,7 +193,7 @@ def diagnose(run: str, out: str | None = None, n: int = 2000, episodes: int = 5,
     syn = damo.model_rollout(dyn, actor, offline["obs"], a.rollout_length, term_fn, mean, std)
     # real: the trained policy (deterministic, as evaluated) in the real env; discounted MC returns
     real = {"obs": [], "act": [], "next_obs": []}
-    q0, mc = [], []
+    q0, mc, t_real = [], [], []
     with torch.no_grad():
         for k in range(episodes):
             o, _ = env.reset(seed=seed + 20_000 + k)
@@ -201,6 +203,7 @@ def diagnose(run: str, out: str | None = None, n: int = 2000, episodes: int = 5,
                 act = actor.act(s)
                 o, r, term, trunc, _ = env.step(act.numpy())
                 real["obs"].append(s), real["act"].append(act), real["next_obs"].append(norm(o))
+                t_real.append(len(rews))
                 rews.append(r)
                 done = term or trunc
             q0.append(float(critic(s0[None], actor.act(s0[None])).min(0).values))
@@ -224,6 +227,15 @@ def diagnose(run: str, out: str | None = None, n: int = 2000, episodes: int = 5,
              for name, d in (("offline", offline), ("synthetic", syn), ("real", real))}
     # synthetic states: the model's predicted s' (its s are offline states or earlier predictions)
     s_off, s_real, s_syn = offline["obs"].numpy(), real["obs"].numpy(), syn["next_obs"].numpy()
+    # a combined dataset (medium-expert) is its sources' transitions in order: which source's states
+    # does the trained policy visit? (share of real states whose nearest offline state comes from each)
+    ends = np.cumsum(info.get("n_transitions_per_dataset") or [len(data["rewards"])])
+    src = np.searchsorted(ends, i, side="right")
+    nearest = torch.cdist(torch.as_tensor(s_real), torch.as_tensor(s_off)).argmin(1).numpy()
+    early = np.asarray(t_real) < 100
+    parts = {"all steps": np.ones_like(early), "first 100 steps": early, "later steps": ~early}
+    visits = {f"{did} ({part})": float(np.mean(src[nearest[m]] == j))
+              for j, did in enumerate(info["dataset_ids"]) for part, m in parts.items() if m.any()}
     stats = {
         "run": run, "embedding": "PCA (2 components) fitted on offline (s, a, s'-s), normalised obs",
         "n_offline": int(len(F_off)), "n_synthetic": int(len(F_syn)), "n_real": int(len(F_real)),
@@ -233,6 +245,7 @@ def diagnose(run: str, out: str | None = None, n: int = 2000, episodes: int = 5,
         "q_start_mean": float(np.mean(q0)), "mc_return_mean": float(np.mean(mc)),
         "overestimation_mean": float(np.mean(np.array(q0) - np.array(mc))),
         "disc_p_offline": p, "episodes": episodes, "real_return_mean_discounted": float(np.mean(mc)),
+        "real_states_nearest_source": visits,
     }
     out = out or os.path.join(run, "diagnostics")
     fig, ax = plt.subplots(1, 4, figsize=(20, 4.4))
@@ -265,6 +278,50 @@ def diagnose(run: str, out: str | None = None, n: int = 2000, episodes: int = 5,
     return stats
 
 
+# ----------------------------------------------------------------------------------------------------
+# the data: what separates its behaviour policies, as a discounted critic sees it
+# ----------------------------------------------------------------------------------------------------
+
+
+def data_stats(env_id: str, gamma: float = 0.99) -> list[dict]:
+    """Per source dataset of --env-id (two for a combined medium-expert): episodes, steps, episode
+    length, undiscounted return, reward per step, share of episodes that terminate (fall) rather than
+    time out, and the discounted return from t = 0 at `gamma`. A critic trained with discount gamma
+    separates two behaviour policies at the start state only by the last number: if their rewards per
+    step are equal and only their episode lengths differ, gamma^length hides the difference."""
+    import minari
+
+    import damo
+
+    ids, _ = damo.dataset_ids_for(env_id, download=False)
+    rows = []
+    for did in ids:
+        ds = minari.load_dataset(did)
+        lens, rets, g0, term = [], [], [], []
+        for ep in ds.iterate_episodes():
+            r = np.asarray(ep.rewards, dtype=np.float64)
+            lens.append(len(r)), rets.append(r.sum()), term.append(bool(np.asarray(ep.terminations)[-1]))
+            g0.append(float((r * gamma ** np.arange(len(r))).sum()))
+        lens, rets, g0 = map(np.asarray, (lens, rets, g0))
+        rows.append({"dataset": did, "episodes": len(lens), "steps": int(lens.sum()),
+                     "length_mean": float(lens.mean()), "return_mean": float(rets.mean()),
+                     "return_std": float(rets.std()), "reward_per_step": float(rets.sum() / lens.sum()),
+                     "terminated_share": float(np.mean(term)), "gamma": gamma,
+                     "discounted_return_t0_mean": float(g0.mean()), "discounted_return_t0_std": float(g0.std())})
+    return rows
+
+
+def data_table(rows: list[dict]) -> str:
+    lines = ["| dataset | episodes | steps | length | return | reward/step | terminated | "
+             f"discounted return from t=0 (gamma {rows[0]['gamma']}) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['dataset']} | {r['episodes']} | {r['steps']} | {r['length_mean']:.0f} | "
+                     f"{r['return_mean']:.1f} +- {r['return_std']:.1f} | {r['reward_per_step']:.2f} | "
+                     f"{100 * r['terminated_share']:.0f}% | {r['discounted_return_t0_mean']:.1f} +- "
+                     f"{r['discounted_return_t0_std']:.1f} |")
+    return "\n".join(lines)
+
+
 @dataclass
 class CurveArgs:
     runs: str = "runs"
@@ -292,6 +349,20 @@ def main(argv: list[str]) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(json.dumps(stats, indent=2))
+        return 0
+    if argv and argv[0] == "data":
+        import damo
+
+        if len(argv) not in (2, 3):
+            print("usage: python plot.py data ENV_ID [GAMMA]   (a local Minari dataset, e.g. hopper-medium-expert)",
+                  file=sys.stderr)
+            return 2
+        try:
+            rows = data_stats(argv[1], float(argv[2]) if len(argv) == 3 else 0.99)
+        except (damo.DamoError, FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(data_table(rows))
         return 0
     if argv and not argv[0].startswith("-"):
         argv = ["--runs", argv[0], *argv[1:]]

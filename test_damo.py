@@ -519,6 +519,26 @@ def test_plot_diagnose_writes_figure_and_finite_json(minari_root, e2e_run):
     assert all(math.isfinite(x) for x in nums)
     assert stats["overestimation_mean"] == pytest.approx(stats["q_start_mean"] - stats["mc_return_mean"], abs=1e-6)
     assert all(0 <= x <= 1 for x in stats["disc_p_offline"].values()) and stats["n_real"] > 0
+    visits = stats["real_states_nearest_source"]  # medium-expert: the two sources' shares sum to 1
+    assert visits["mujoco/hopper/medium-v0 (all steps)"] + visits["mujoco/hopper/expert-v0 (all steps)"] == pytest.approx(1)
+
+
+def test_plot_data_per_source_table(minari_root):
+    import minari
+
+    p = run_plot(["data", "hopper-medium-expert", "0.9"], minari_root)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for did in ("mujoco/hopper/medium-v0", "mujoco/hopper/expert-v0"):  # recomputed here from the episodes
+        eps = list(minari.load_dataset(did).iterate_episodes())
+        lens = [len(e.rewards) for e in eps]
+        g0 = [sum(0.9 ** t * r for t, r in enumerate(e.rewards)) for e in eps]
+        rps = sum(e.rewards.sum() for e in eps) / sum(lens)
+        row = next(line for line in p.stdout.splitlines() if line.startswith(f"| {did} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1:4] == [str(len(eps)), str(sum(lens)), f"{np.mean(lens):.0f}"]
+        assert cells[5] == f"{rps:.2f}" and cells[7] == f"{np.mean(g0):.1f} +- {np.std(g0):.1f}"
+    bad = run_plot(["data", "walker"], minari_root)
+    assert bad.returncode == 2 and "unknown --env-id 'walker'" in bad.stderr and "Traceback" not in bad.stderr
 
 
 # --------------------------------------------------------------------------------------------------
