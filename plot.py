@@ -16,7 +16,9 @@ Diagnostics (the paper's Figs. 1, 3b, 4 style): (s, a, s' - s) of offline data, 
 trained policy rolled in the learned model from offline states) and real data (the trained policy in
 the real environment), embedded in 2-D by PCA fitted on the offline data; Q(s0, pi(s0)) against the
 discounted Monte-Carlo return actually obtained from real start states; the discriminator's
-probability of "offline" on the three sets. The numbers go to a JSON beside the figure.
+probability of "offline" on the three sets; for a combined dataset, which source's states the policy
+visits; and the return when the critic picks each action among perturbations of pi(s) (does the
+critic know better actions than the actor takes?). The numbers go to a JSON beside the figure.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def variant_label(args: dict) -> str:
         return "BC"
     alpha, beta = args.get("alpha", d.alpha), args.get("beta", d.beta)
     name = "w/o ir" if alpha == 0 else "w/o er" if beta == 0 else "DAMO"
-    extra = [f"{k}={args[k]:g}" for k in ("alpha", "beta", "bc_coef", "real_ratio", "rollout_length")
+    extra = [f"{k}={args[k]:g}" for k in ("alpha", "beta", "bc_coef", "real_ratio", "rollout_length", "tau", "actor_lr",
+                                                 "critic_lr")
              if k in args and args[k] != getattr(d, k) and not (k == "alpha" and alpha == 0)
              and not (k == "beta" and beta == 0)]
     return name + (f" ({', '.join(extra)})" if extra else "")
@@ -193,7 +196,7 @@ def diagnose(run: str, out: str | None = None, n: int = 2000, episodes: int = 5,
     syn = damo.model_rollout(dyn, actor, offline["obs"], a.rollout_length, term_fn, mean, std)
     # real: the trained policy (deterministic, as evaluated) in the real env; discounted MC returns
     real = {"obs": [], "act": [], "next_obs": []}
-    q0, mc, t_real = [], [], []
+    q0, mc, t_real, returns = [], [], [], []
     with torch.no_grad():
         for k in range(episodes):
             o, _ = env.reset(seed=seed + 20_000 + k)
@@ -208,7 +211,29 @@ def diagnose(run: str, out: str | None = None, n: int = 2000, episodes: int = 5,
                 done = term or trunc
             q0.append(float(critic(s0[None], actor.act(s0[None])).min(0).values))
             mc.append(float(sum(a.gamma ** t * r for t, r in enumerate(rews))))
+            returns.append(float(sum(rews)))
     real = {k: torch.stack(v) for k, v in real.items()}
+
+    # Does the critic know better actions than the actor takes? At every step pick, among pi(s) and
+    # k - 1 Gaussian perturbations of it (std sigma), the action with the highest min_j Q_j, in the same
+    # start states. A higher return than pi's own means the critic's ranking holds policy improvement
+    # that the actor has not taken (e.g. held back by Eq. 7b); a lower one, that the critic misranks.
+    k_cand, sigma = 32, 0.3
+    gen = torch.Generator().manual_seed(seed)
+    filtered = []
+    with torch.no_grad():
+        for k in range(episodes):
+            o, _ = env.reset(seed=seed + 20_000 + k)
+            ret, done = 0.0, False
+            while not done:
+                s = norm(o)
+                mu_a = actor.act(s)
+                cand = torch.cat([mu_a[None], (mu_a + sigma * torch.randn(k_cand - 1, act_dim, generator=gen)).clamp(-1, 1)])
+                best = cand[critic(s.expand(k_cand, -1), cand).min(0).values.argmax()]
+                o, r, term, trunc, _ = env.step(best.numpy())
+                ret += float(r)
+                done = term or trunc
+            filtered.append(ret)
 
     def feats(d):
         return torch.cat([d["obs"], d["act"], d["next_obs"] - d["obs"]], -1).numpy()
@@ -246,6 +271,8 @@ def diagnose(run: str, out: str | None = None, n: int = 2000, episodes: int = 5,
         "overestimation_mean": float(np.mean(np.array(q0) - np.array(mc))),
         "disc_p_offline": p, "episodes": episodes, "real_return_mean_discounted": float(np.mean(mc)),
         "real_states_nearest_source": visits,
+        "real_return_mean": float(np.mean(returns)), "q_filtered_return_mean": float(np.mean(filtered)),
+        "q_filtered": f"best of pi(s) and {k_cand - 1} perturbations (std {sigma}) by min_j Q_j, same start states",
     }
     out = out or os.path.join(run, "diagnostics")
     fig, ax = plt.subplots(1, 4, figsize=(20, 4.4))

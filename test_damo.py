@@ -446,7 +446,7 @@ def test_damo_learns_hopper_from_medium_data(tmp_path, monkeypatch):
     data_return = float(returns.mean())  # the behaviour data's average episode return
     p = run_cli(["--env-id", "mujoco/hopper/medium-v0", "--seed", "0", "--hidden", "64", "--dynamics-hidden", "64",
                  # the loss weights are spelled out, so that changing damo.py's defaults does not change this test
-                 "--alpha", "5", "--beta", "0.1", "--real-ratio", "0.5",
+                 "--alpha", "5", "--beta", "0.1", "--real-ratio", "0.5", "--tau", "0.005",
                  "--bc-coef", "0", "--actor-lr", "3e-4", "--epochs", "7", "--steps-per-epoch", "1000", "--rollout-batch-size", "5000",
                  "--dynamics-max-epochs", "10", "--eval-episodes", "5", "--threads", "1", "--no-download",
                  "--runs-dir", str(tmp_path), "--run-name", "learn"], root)
@@ -519,6 +519,7 @@ def test_plot_diagnose_writes_figure_and_finite_json(minari_root, e2e_run):
     assert all(math.isfinite(x) for x in nums)
     assert stats["overestimation_mean"] == pytest.approx(stats["q_start_mean"] - stats["mc_return_mean"], abs=1e-6)
     assert all(0 <= x <= 1 for x in stats["disc_p_offline"].values()) and stats["n_real"] > 0
+    assert stats["real_return_mean"] > 0 and math.isfinite(stats["q_filtered_return_mean"])
     visits = stats["real_states_nearest_source"]  # medium-expert: the two sources' shares sum to 1
     assert visits["mujoco/hopper/medium-v0 (all steps)"] + visits["mujoco/hopper/expert-v0 (all steps)"] == pytest.approx(1)
 
