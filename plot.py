@@ -50,8 +50,8 @@ def variant_label(args: dict) -> str:
         return "BC"
     alpha, beta = args.get("alpha", d.alpha), args.get("beta", d.beta)
     name = "w/o ir" if alpha == 0 else "w/o er" if beta == 0 else "DAMO"
-    extra = [f"{k}={args[k]:g}" for k in ("alpha", "beta", "bc_coef", "real_ratio", "rollout_length", "tau", "actor_lr",
-                                                 "critic_lr")
+    knobs = ("alpha", "beta", "bc_coef", "real_ratio", "rollout_length", "tau", "actor_lr", "critic_lr")
+    extra = [f"{k}={args[k]:g}" for k in knobs
              if k in args and args[k] != getattr(d, k) and not (k == "alpha" and alpha == 0)
              and not (k == "beta" and beta == 0)]
     return name + (f" ({', '.join(extra)})" if extra else "")
@@ -194,24 +194,33 @@ def diagnose(run: str, out: str | None = None, n: int = 2000, episodes: int = 5,
                "next_obs": norm(data["next_observations"][i])}
     term_fn = damo.termination_fn_for(info["env_family"], data)
     syn = damo.model_rollout(dyn, actor, offline["obs"], a.rollout_length, term_fn, mean, std)
+
+    @torch.no_grad()
+    def episode(k: int, pick) -> tuple[list, list]:
+        """One real episode from start state k, acting with pick(s); its (s, a, s') and rewards."""
+        o, _ = env.reset(seed=seed + 20_000 + k)
+        steps, rews, done = [], [], False
+        while not done:
+            s = norm(o)
+            act = pick(s)
+            o, r, term, trunc, _ = env.step(act.numpy())
+            steps.append((s, act, norm(o)))
+            rews.append(float(r))
+            done = term or trunc
+        return steps, rews
+
     # real: the trained policy (deterministic, as evaluated) in the real env; discounted MC returns
     real = {"obs": [], "act": [], "next_obs": []}
     q0, mc, t_real, returns = [], [], [], []
-    with torch.no_grad():
-        for k in range(episodes):
-            o, _ = env.reset(seed=seed + 20_000 + k)
-            s0, rews, done = norm(o), [], False
-            while not done:
-                s = norm(o)
-                act = actor.act(s)
-                o, r, term, trunc, _ = env.step(act.numpy())
-                real["obs"].append(s), real["act"].append(act), real["next_obs"].append(norm(o))
-                t_real.append(len(rews))
-                rews.append(r)
-                done = term or trunc
-            q0.append(float(critic(s0[None], actor.act(s0[None])).min(0).values))
-            mc.append(float(sum(a.gamma ** t * r for t, r in enumerate(rews))))
-            returns.append(float(sum(rews)))
+    for k in range(episodes):
+        steps, rews = episode(k, actor.act)
+        for key, v in zip(real, zip(*steps)):
+            real[key] += v
+        t_real += range(len(rews))
+        with torch.no_grad():
+            q0.append(float(critic(steps[0][0][None], steps[0][1][None]).min(0).values))
+        mc.append(float(sum(a.gamma ** t * r for t, r in enumerate(rews))))
+        returns.append(float(sum(rews)))
     real = {k: torch.stack(v) for k, v in real.items()}
 
     # Does the critic know better actions than the actor takes? At every step pick, among pi(s) and
@@ -220,20 +229,13 @@ def diagnose(run: str, out: str | None = None, n: int = 2000, episodes: int = 5,
     # that the actor has not taken (e.g. held back by Eq. 7b); a lower one, that the critic misranks.
     k_cand, sigma = 32, 0.3
     gen = torch.Generator().manual_seed(seed)
-    filtered = []
-    with torch.no_grad():
-        for k in range(episodes):
-            o, _ = env.reset(seed=seed + 20_000 + k)
-            ret, done = 0.0, False
-            while not done:
-                s = norm(o)
-                mu_a = actor.act(s)
-                cand = torch.cat([mu_a[None], (mu_a + sigma * torch.randn(k_cand - 1, act_dim, generator=gen)).clamp(-1, 1)])
-                best = cand[critic(s.expand(k_cand, -1), cand).min(0).values.argmax()]
-                o, r, term, trunc, _ = env.step(best.numpy())
-                ret += float(r)
-                done = term or trunc
-            filtered.append(ret)
+
+    def critic_pick(s):
+        mu_a = actor.act(s)
+        cand = torch.cat([mu_a[None], (mu_a + sigma * torch.randn(k_cand - 1, act_dim, generator=gen)).clamp(-1, 1)])
+        return cand[critic(s.expand(k_cand, -1), cand).min(0).values.argmax()]
+
+    filtered = [sum(episode(k, critic_pick)[1]) for k in range(episodes)]
 
     def feats(d):
         return torch.cat([d["obs"], d["act"], d["next_obs"] - d["obs"]], -1).numpy()
