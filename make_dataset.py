@@ -9,6 +9,13 @@ like the hosted ids. damo.py then loads them with exactly the code it uses for d
     MINARI_DATASETS_PATH=$PWD/data python make_dataset.py --policy assets/policies/hopper-medium.npz \
         --dataset-id mujoco/hopper/medium-v0 --steps 100000 --seed 0
 
+A replay-like dataset (in the spirit of D4RL's medium-replay: what a training run saw on its way to
+the medium policy) is a mix of sources, each rolled for its own number of steps, in the order given:
+`random` (uniform random actions, like a replay buffer's warm-up) or a policy file.
+
+    python make_dataset.py --env-id HalfCheetah-v5 --dataset-id mujoco/halfcheetah/medium-replay-v0 \
+        --mix random:20000 assets/policies/halfcheetah-sac-20k.npz:60000 ...
+
 Like Minari's generation scripts, actions are *sampled* from the policy (not its mean) unless
 `--deterministic` is given; that choice changes the data's return and coverage, so it is recorded
 in the dataset's description.
@@ -40,6 +47,19 @@ class Args:
     """use the policy's mean action tanh(mu) instead of a sample (Minari samples)"""
     overwrite: bool = False
     """delete an existing dataset of the same id first"""
+    mix: tuple[str, ...] = ()
+    """SOURCE:STEPS items rolled one after the other into one dataset (SOURCE: a policy .npz or `random`);
+    replaces --policy/--steps"""
+
+
+class RandomPolicy:
+    """Uniform random actions in the env's action box (a replay buffer's warm-up steps)."""
+
+    def __init__(self, space: gym.spaces.Box, rng: np.random.Generator):
+        self.space, self.rng = space, rng
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        return self.rng.uniform(self.space.low, self.space.high)
 
 
 class NumpyPolicy:
@@ -60,8 +80,9 @@ class NumpyPolicy:
         return np.tanh(mu + np.exp(log_std) * self.rng.standard_normal(mu.shape))
 
 
-def rollout_episodes(env: gym.Env, policy, steps: int, seed: int):
-    """Roll `policy` for `steps` env steps; return Minari EpisodeBuffers and the episode returns."""
+def rollout_episodes(env: gym.Env, policy, steps: int, seed: int, first_id: int = 0):
+    """Roll `policy` for `steps` env steps; return Minari EpisodeBuffers and the episode returns.
+    Episode k resets with seed + k and gets id first_id + k."""
     from minari.data_collector import EpisodeBuffer
 
     buffers, returns, total, k = [], [], 0, 0
@@ -79,7 +100,7 @@ def rollout_episodes(env: gym.Env, policy, steps: int, seed: int):
                 break
         buffers.append(
             EpisodeBuffer(
-                id=k, seed=seed + k,
+                id=first_id + k, seed=seed + k,
                 observations=np.asarray(observations, dtype=np.float64),  # [T+1, obs_dim]
                 actions=np.asarray(actions, dtype=np.float32),  # [T, act_dim]
                 rewards=np.asarray(rewards, dtype=np.float64),
@@ -101,9 +122,19 @@ def make_dataset(args: Args):
         except (FileNotFoundError, ValueError):
             pass
     env = gym.make(args.env_id)
-    policy = NumpyPolicy(args.policy, args.deterministic, np.random.default_rng(args.seed))
+    sources = parse_mix(args.mix) if args.mix else [(args.policy, args.steps)]
+    rng = np.random.default_rng(args.seed)
     t0 = time.time()
-    buffers, returns = rollout_episodes(env, policy, args.steps, args.seed)
+    buffers, returns, parts = [], [], []
+    for i, (source, steps) in enumerate(sources):
+        policy = RandomPolicy(env.action_space, rng) if source == "random" else NumpyPolicy(source, args.deterministic, rng)
+        # each source's episodes get seeds of their own (1000 apart), so that no two sources share a reset
+        b, r = rollout_episodes(env, policy, steps, args.seed + 1000 * i, first_id=len(buffers))
+        buffers, returns = buffers + b, returns + r.tolist()
+        parts.append(f"{steps} steps of {os.path.basename(source)} (return {r.mean():.1f} +- {r.std():.1f}, {len(r)} episodes)")
+        if len(sources) > 1:
+            print(parts[-1])
+    returns = np.asarray(returns)
     mode = "mean action tanh(mu)" if args.deterministic else "sampled actions"
     dataset = minari.create_dataset_from_buffers(
         dataset_id=args.dataset_id,
@@ -111,7 +142,7 @@ def make_dataset(args: Args):
         env=args.env_id,
         algorithm_name="SAC behaviour policy (damo make_dataset.py)",
         author="damo",
-        description=f"{args.steps} steps of {os.path.basename(args.policy)} in {args.env_id}, {mode}, seed {args.seed}. "
+        description=f"{'; '.join(parts)} in {args.env_id}, {mode}, seed {args.seed}. "
         "Made locally by damo's make_dataset.py; not the hosted Minari dataset.",
     )
     print(
@@ -120,6 +151,18 @@ def make_dataset(args: Args):
         f"under {minari.storage.get_dataset_path()}"
     )
     return dataset, returns
+
+
+def parse_mix(items) -> list[tuple[str, int]]:
+    sources = []
+    for item in items:
+        source, _, steps = item.rpartition(":")
+        if not source or not steps.isdigit() or int(steps) < 1:
+            raise SystemExit(f"error: --mix item '{item}' is not SOURCE:STEPS (e.g. random:20000 or policy.npz:60000)")
+        if source != "random" and not os.path.isfile(source):
+            raise SystemExit(f"error: --mix item '{item}': no policy file {source}")
+        sources.append((source, int(steps)))
+    return sources
 
 
 if __name__ == "__main__":
