@@ -362,7 +362,7 @@ def test_cli_end_to_end(minari_root, e2e_run, tmp_path):
     # the checkpoint's actor reproduces the logged evaluation
     actor = damo.Actor(11, 3, 256)
     actor.load_state_dict(ck["actor"])
-    rets = damo.evaluate(actor, gym.make("Hopper-v5"), 2, 3 + 10_000, ck["obs_mean"], ck["obs_std"], "cpu")
+    rets = damo.evaluate(actor, [gym.make("Hopper-v5") for _ in range(2)], 3 + 10_000, ck["obs_mean"], ck["obs_std"], "cpu")
     assert rets.mean() == pytest.approx(float(rows[-1]["return_mean"]), rel=1e-3)
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(run))
     # the saved ensemble is reused by --dynamics-path: not retrained, and the run records its source
@@ -395,6 +395,31 @@ def test_cli_unknown_env_id(tmp_path):
     assert "Traceback" not in p.stderr
 
 
+BAD_FLAGS = [("--rollout-length", "0"), ("--batch-size", "0"), ("--n-elites", "9"), ("--rollout-batch-size", "0"),
+             ("--rollout-freq", "0"), ("--hidden", "0"), ("--epochs", "0"), ("--steps-per-epoch", "0"),
+             ("--eval-episodes", "0"), ("--gamma", "1.5"), ("--tau", "2"), ("--logit-clip", "-1"), ("--alpha", "-1"),
+             ("--real-ratio", "0"), ("--actor-lr", "0"), ("--dynamics-max-epochs", "0"), ("--n-critics", "-2")]
+
+
+def test_cli_bad_flag_values_exit_2_before_any_work(tmp_path):
+    """Each value that cannot work: exit 2, one `error:` line naming the flag and value, no traceback, no
+    run folder. In one process per value, as a user meets them (the data need not exist: checked first)."""
+    for flag, value in BAD_FLAGS:
+        p = run_cli([flag, value, "--runs-dir", str(tmp_path / "runs")], tmp_path)
+        assert p.returncode == 2, (flag, value, p.stderr[-500:])
+        assert "Traceback" not in p.stderr, (flag, p.stderr[-500:])
+        line = next(l for l in p.stderr.splitlines() if l.startswith("error:"))
+        assert flag in line and value in line and "allowed" in line, (flag, line)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_check_args_accepts_the_defaults_and_edges():
+    damo.check_args(damo.Args())
+    damo.check_args(damo.Args(gamma=1.0, tau=1.0, real_ratio=1.0, alpha=0.0, beta=0.0, bc_coef=0.0, n_elites=7))
+    with pytest.raises(damo.DamoError, match="--tau 0.0"):
+        damo.check_args(damo.Args(tau=0.0))
+
+
 @pytest.mark.parametrize("download", [True, False])
 def test_cli_missing_dataset_offline_fails_fast(tmp_path, download):
     empty = tmp_path / "empty"
@@ -419,6 +444,24 @@ def test_cli_non_finite_loss_stops_and_keeps_files(minari_root, tmp_path):
 # --------------------------------------------------------------------------------------------------
 # learning: DAMO must improve on its data (issue: a learning test in CI)
 # --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("env_id", ["Hopper-v5", "HalfCheetah-v5"])
+def test_batched_evaluation_equals_sequential(env_id):
+    """The lockstep evaluation gives every episode the return it has when run alone (same seed), also
+    when episodes end at different steps (Hopper falls), for an untrained and a perturbed actor."""
+    env = gym.make(env_id)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    torch.manual_seed(1)
+    actor = damo.Actor(obs_dim, act_dim, 64)
+    mean, std = torch.zeros(obs_dim), torch.ones(obs_dim)
+    envs = damo.make_eval_envs(env, 4)
+    batched = damo.evaluate(actor, envs, 500, mean, std, "cpu")
+    alone = np.array([damo.evaluate(actor, [gym.make(env_id)], 500 + k, mean, std, "cpu")[0] for k in range(4)])
+    np.testing.assert_allclose(batched, alone, rtol=1e-9)  # float64 rounding of the sums only
+    assert len(set(batched.round(6))) == 4  # the seeds differ, so do the episodes
+    # and a second call on the same envs gives the same returns again (resets, no leftover state)
+    np.testing.assert_array_equal(damo.evaluate(actor, envs, 500, mean, std, "cpu"), batched)
 
 
 def test_sample_rows_keeps_rows_aligned():
@@ -453,7 +496,7 @@ def test_damo_learns_hopper_from_medium_data(tmp_path, monkeypatch):
     assert p.returncode == 0, p.stderr[-3000:]
     ck = torch.load(tmp_path / "learn" / "checkpoint.pt", weights_only=False)
     torch.manual_seed(0)
-    untrained = damo.evaluate(damo.Actor(11, 3, 64), gym.make("Hopper-v5"), 5, 10_000, ck["obs_mean"], ck["obs_std"], "cpu")
+    untrained = damo.evaluate(damo.Actor(11, 3, 64), [gym.make("Hopper-v5") for _ in range(5)], 10_000, ck["obs_mean"], ck["obs_std"], "cpu")
     rows = list(csv.DictReader(open(tmp_path / "learn" / "eval.csv")))
     assert len(rows) == 7
     final = np.mean([float(r["return_mean"]) for r in rows[-2:]])  # last two: one evaluation swings
