@@ -55,6 +55,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
 # ====================================================================================================
 # 1. Arguments
 # ====================================================================================================
@@ -192,41 +193,8 @@ class Args:
     """deterministic evaluation episodes per epoch (D4RL convention)"""
 
 
-# Allowed values of every numeric flag, checked by check_args() before any work starts:
-# (lowest, highest, is the lowest itself allowed). None = unbounded on that side.
-FLAG_RANGES = {
-    "threads": (0, None, True), "benchmark_repeats": (1, None, True), "checkpoint_every": (1, None, True),
-    "log_every": (1, None, True),
-    "n_ensemble": (1, None, True), "n_elites": (1, None, True), "dynamics_hidden": (1, None, True),
-    "dynamics_lr": (0, None, False), "dynamics_batch_size": (1, None, True), "dynamics_max_epochs": (1, None, True),
-    "dynamics_patience": (1, None, True), "dynamics_holdout": (1, None, True),
-    "rollout_freq": (1, None, True), "rollout_batch_size": (1, None, True), "rollout_length": (1, None, True),
-    "model_retain_rollouts": (1, None, True), "real_ratio": (0, 1, False),
-    "beta": (0, None, True), "logit_clip": (0, None, False), "disc_hidden": (1, None, True), "disc_lr": (0, None, False),
-    "alpha": (0, None, True), "bc_coef": (0, None, True), "gamma": (0, 1, False), "tau": (0, 1, False),
-    "batch_size": (2, None, True), "actor_lr": (0, None, False), "critic_lr": (0, None, False),
-    "alpha_ent_lr": (0, None, False), "n_critics": (1, None, True), "hidden": (1, None, True),
-    "epochs": (1, None, True), "steps_per_epoch": (1, None, True), "eval_episodes": (1, None, True),
-}
-
-
-def check_args(args: "Args"):
-    """Every flag's value, before any work: a value that cannot work is a DamoError naming the flag,
-    the value and the allowed range (exit status 2, no run folder)."""
-    for name, (lo, hi, lo_ok) in FLAG_RANGES.items():
-        v = getattr(args, name)
-        if v is None:
-            continue
-        flag = "--" + name.replace("_", "-")
-        if not math.isfinite(v) or (lo is not None and (v < lo or (v == lo and not lo_ok))) or (hi is not None and v > hi):
-            rng = ("[" if lo_ok else "(") + f"{lo}, " + (f"{hi}]" if hi is not None else "inf)")
-            raise DamoError(f"{flag} {v} is out of range; allowed: {rng}")
-    if args.n_elites > args.n_ensemble:
-        raise DamoError(f"--n-elites {args.n_elites} is more than --n-ensemble {args.n_ensemble}; allowed: 1..n_ensemble")
-
-
 # ====================================================================================================
-# 2. Data: Minari datasets, medium-expert, observation normalisation, normalised scores
+# 2. Data: the offline dataset D, normalised scores, batches
 # ====================================================================================================
 
 
@@ -242,94 +210,6 @@ SHORT_IDS = [f"{e}-{q}" for e in ENVS for q in QUALITIES]
 D4RL_REF = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3)}
 # The Gymnasium env of each family (for --benchmark shapes and for D4RL files, whose obs match v5's).
 BENCH_ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
-
-
-def _remote_reachable(timeout: float = 5.0) -> bool:
-    """Is Minari's remote reachable? One TCP connect, so a machine without network fails in seconds
-    instead of after Minari's ~25 s of retries."""
-    remote = os.environ.get("MINARI_REMOTE", "hf://farama-minari")
-    if remote.startswith("hf://"):
-        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    elif remote.startswith("gcp://"):
-        host = "storage.googleapis.com"
-    else:
-        host = urlparse(remote).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def resolve_minari_id(dataset_id: str, download: bool, required: bool = True) -> Optional[str]:
-    """Turn `ns/name` or `ns/name-vN` into an existing id: a given version as is; otherwise the newest
-    local version, else the newest compatible remote version (fetched later by load_dataset)."""
-    import minari
-    from minari.dataset.minari_dataset import parse_dataset_id
-
-    m = re.fullmatch(r"(?:(?P<ns>[\w.-]+(?:/[\w.-]+)*)/)?(?P<name>[\w.-]+?)(?:-v(?P<v>\d+))?", dataset_id)
-    if m is None:
-        raise DamoError(f"malformed Minari id '{dataset_id}' (expected namespace/name or namespace/name-vN)")
-    if m["v"] is not None:
-        return dataset_id
-    namespace, name = m["ns"], m["name"]
-    local = [parse_dataset_id(i)[2] for i in minari.list_local_datasets(prefix=namespace)
-             if parse_dataset_id(i)[:2] == (namespace, name)]
-    if local:
-        return f"{namespace}/{name}-v{max(local)}"
-    if download:
-        if not _remote_reachable():
-            if not required:
-                return None
-            raise DamoError(missing_dataset_message(dataset_id, "and Minari's remote cannot be reached (no network?)"))
-        try:
-            remote = minari.list_remote_datasets(prefix=f"{namespace}/{name}", compatible_minari_version=True)
-        except ImportError as e:
-            raise DamoError(f"downloading needs minari's hub support: pip install 'minari[hf]' ({e})") from None
-        except Exception as e:  # network errors come from several client libraries
-            if not required:
-                return None
-            raise DamoError(missing_dataset_message(dataset_id, f"and listing the remote failed: {e}")) from None
-        versions = [parse_dataset_id(i)[2] for i in remote if parse_dataset_id(i)[:2] == (namespace, name)]
-        if versions:
-            return f"{namespace}/{name}-v{max(versions)}"
-    if required:
-        raise DamoError(missing_dataset_message(dataset_id, "locally" + ("" if download else " (--no-download)")))
-    return None
-
-
-def missing_dataset_message(dataset_id: str, why: str) -> str:
-    from minari.storage import get_dataset_path
-
-    return (
-        f"Minari dataset '{dataset_id}' was not found {why}.\n"
-        f"Searched: {get_dataset_path()} (set MINARI_DATASETS_PATH to look elsewhere).\n"
-        f"On a machine with network: pip install 'minari[hf]' && minari download {dataset_id}\n"
-        f"(or run damo.py there once), then copy that folder here. "
-        f"README 'Local data' shows how to build a local stand-in from the carried behaviour policies."
-    )
-
-
-def dataset_ids_for(env_id: str, download: bool) -> tuple[list[str], str]:
-    """Map --env-id to the Minari ids to load (two for a medium-expert that must be combined) and the
-    environment family ('hopper', ...; '' if unknown). Raises DamoError for an unknown id."""
-    if "/" not in env_id:
-        if env_id not in SHORT_IDS:
-            raise DamoError(f"unknown --env-id '{env_id}'. Accepted short ids: {', '.join(SHORT_IDS)}; "
-                            "or a full Minari id such as mujoco/hopper/medium-v0")
-        family, quality = env_id.split("-", 1)
-        base = f"mujoco/{family}/{quality}"
-    else:
-        base, family = env_id, next((e for e in ENVS if f"/{e}/" in env_id), "")
-    if base.endswith("/medium-expert") or "/medium-expert-v" in base:
-        # A published medium-expert (Minari's -v2 scripts build one) wins; otherwise combine the two
-        # sets, as D4RL built medium-expert by concatenating medium and expert.
-        published = resolve_minari_id(base, download, required=False)
-        if published is not None:
-            return [published], family
-        stem = base.rsplit("/", 1)[0]
-        return [resolve_minari_id(f"{stem}/medium", download), resolve_minari_id(f"{stem}/expert", download)], family
-    return [resolve_minari_id(base, download)], family
 
 
 def load_dataset(env_id: str, download: bool = True) -> tuple[dict, dict, gym.Env]:
@@ -382,59 +262,36 @@ def load_dataset(env_id: str, download: bool = True) -> tuple[dict, dict, gym.En
     return data, info, env
 
 
-D4RL_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
-
-
-def load_d4rl_hdf5(path: str, env_id: str) -> tuple[dict, dict, gym.Env]:
-    """--dataset-path: a D4RL -v2 hdf5 file (flat arrays, one row per transition). `terminals` is the
-    bootstrap mask; `timeouts` end an episode without terminating, so they only count episodes. The env
-    family comes from the file name (hopper_medium_expert-v2.hdf5), else from --env-id; evaluation runs
-    in the Gymnasium v5 env of that family with D4RL's reference returns (README "D4RL files")."""
-    import h5py
-
-    name = os.path.basename(path).lower()
-    family = next((e for e in ENVS if e in name), None) or (env_id.split("-")[0] if env_id in SHORT_IDS else None)
-    if family is None:
-        raise DamoError(f"--dataset-path {path}: cannot tell the environment from the file name; name it like "
-                        f"D4RL's (hopper_medium-v2.hdf5) or pass a short --env-id such as hopper-medium")
-    try:
-        with h5py.File(path, "r") as f:
-            missing = [k for k in D4RL_KEYS if k not in f]
-            if missing:
-                raise DamoError(f"--dataset-path {path} lacks {missing}: expected D4RL's -v2 layout with keys "
-                                f"{', '.join(D4RL_KEYS)} (-v0/-v1 files have no next_observations; use -v2)")
-            raw = {k: np.asarray(f[k], dtype=np.float32) for k in D4RL_KEYS}
-    except (OSError, ValueError) as e:  # missing file, not hdf5, truncated
-        raise DamoError(f"--dataset-path {path}: cannot read it as hdf5 ({type(e).__name__}: {e})") from None
-    lengths = {k: len(v) for k, v in raw.items()}
-    if len(set(lengths.values())) != 1:
-        raise DamoError(f"--dataset-path {path}: arrays have different lengths {lengths}")
-    for k, v in raw.items():
-        if not np.isfinite(v).all():
-            raise DamoError(f"--dataset-path {path} has {int((~np.isfinite(v)).sum())} non-finite values in '{k}'")
-    env = gym.make(BENCH_ENVS[family])
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    if raw["observations"].shape[1:] != (obs_dim,) or raw["next_observations"].shape[1:] != (obs_dim,) \
-            or raw["actions"].shape[1:] != (act_dim,):
-        raise DamoError(f"--dataset-path {path}: obs {raw['observations'].shape[1:]}, act {raw['actions'].shape[1:]} "
-                        f"do not match {env.spec.id} (({obs_dim},), ({act_dim},)); is it a {family} file?")
-    ends = (raw["terminals"] > 0.5) | (raw["timeouts"] > 0.5)
-    data = {k: raw[k] for k in ("observations", "actions", "rewards", "next_observations")}
-    data["terminals"] = (raw["terminals"] > 0.5).astype(np.float32)  # timeouts still bootstrap
-    ref = D4RL_REF[family]
-    info = dict(dataset_ids=[f"d4rl:{os.path.basename(path)}"], env_family=family, eval_env_id=env.spec.id,
-                ref_min_score=ref[0], ref_max_score=ref[1],
-                ref_source=f"D4RL reference returns, evaluated in {env.spec.id} (not D4RL's mujoco-py env)",
-                n_transitions=int(len(data["rewards"])), n_episodes=int(ends.sum() + (not ends[-1])),
-                dataset_path=os.path.abspath(path))
-    return data, info, env
-
-
 def normalized_score(ret, info: dict):
     """Eq. 10: score = 100 * (R - R_random) / (R_expert - R_random); NaN without references."""
     if info["ref_min_score"] is None:
         return float("nan") * np.asarray(ret)
     return 100.0 * (np.asarray(ret) - info["ref_min_score"]) / (info["ref_max_score"] - info["ref_min_score"])
+
+
+def sample_rows(data: dict, size: int, n: int, device) -> dict:
+    """n random rows (with replacement) of a dict of aligned tensors: one index tensor for all keys."""
+    idx = torch.randint(size, (n,), device=device)
+    return {k: v[idx] for k, v in data.items()}
+
+
+class SyntheticBuffer:
+    """FIFO ring buffer of synthetic transitions on the device (keeps the last few rollouts)."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device):
+        self.capacity, self.size, self.ptr = capacity, 0, 0
+        shapes = {"obs": (obs_dim,), "act": (act_dim,), "rew": (), "next_obs": (obs_dim,), "done": ()}
+        self.data = {k: torch.zeros((capacity, *sh), device=device) for k, sh in shapes.items()}
+
+    def add(self, batch: dict):
+        n = min(batch["rew"].shape[0], self.capacity)
+        idx = (self.ptr + torch.arange(n, device=batch["rew"].device)) % self.capacity
+        for k, v in batch.items():
+            self.data[k][idx] = v[-n:]
+        self.ptr, self.size = (self.ptr + n) % self.capacity, min(self.size + n, self.capacity)
+
+    def sample(self, n: int) -> dict:
+        return sample_rows(self.data, self.size, n, self.data["rew"].device)
 
 
 # ====================================================================================================
@@ -685,7 +542,137 @@ def bc_loss(actor, s, a):
 
 
 # ====================================================================================================
-# 5. Dynamics training, model rollouts, evaluation
+# 5. One gradient step of DAMO, in the order of the algorithm (Eqs. 3-8)
+# ====================================================================================================
+
+
+@dataclass
+class LossFns:
+    """The losses damo_update calls. --compile swaps in torch.compile'd versions of the same functions
+    (fused kernels, fewer Python ops per step; the math is unchanged, test_compiled_losses_equal_plain)."""
+
+    disc: Callable = discriminator_loss
+    critic: Callable = critic_loss
+    actor: Callable = actor_loss
+    temperature: Callable = alpha_loss
+
+    def compiled(self) -> "LossFns":
+        return LossFns(*(torch.compile(f) for f in (self.disc, self.critic, self.actor, self.temperature)))
+
+
+@dataclass
+class Agent:
+    """The networks, their optimisers and the entropy temperature (nothing hidden: plain fields)."""
+
+    actor: Actor
+    actor_opt: torch.optim.Optimizer
+    dynamics: Optional[DynamicsEnsemble] = None
+    disc: Optional[Discriminator] = None
+    disc_opt: Optional[torch.optim.Optimizer] = None
+    critic: Optional[CriticEnsemble] = None
+    critic_target: Optional[CriticEnsemble] = None
+    critic_opt: Optional[torch.optim.Optimizer] = None
+    log_alpha_ent: Optional[torch.Tensor] = None
+    alpha_ent_opt: Optional[torch.optim.Optimizer] = None
+    target_entropy: float = 0.0
+    losses: LossFns = field(default_factory=LossFns)
+
+    # checkpoint key -> field; with state_dict() below, the only code that knows the networks' part of a checkpoint
+    MODULES = {"actor": "actor", "dynamics": "dynamics", "discriminator": "disc", "critic": "critic",
+               "critic_target": "critic_target"}
+    OPTIMIZERS = {"actor": "actor_opt", "critic": "critic_opt", "discriminator": "disc_opt", "alpha_ent": "alpha_ent_opt"}
+
+    def state_dict(self) -> dict:
+        out = {k: getattr(self, f).state_dict() if getattr(self, f) is not None else None for k, f in self.MODULES.items()}
+        out["log_alpha_ent"] = self.log_alpha_ent.detach().cpu() if self.log_alpha_ent is not None else None
+        out["optimizers"] = {k: getattr(self, f).state_dict() for k, f in self.OPTIMIZERS.items()
+                             if getattr(self, f) is not None}
+        return out
+
+    def load_state_dict(self, state: dict, optimizers: bool = True):
+        for k, f in self.MODULES.items():
+            if getattr(self, f) is not None:
+                getattr(self, f).load_state_dict(state[k])
+        if self.log_alpha_ent is not None:
+            with torch.no_grad():
+                self.log_alpha_ent.copy_(state["log_alpha_ent"])
+        if optimizers:
+            for k, f in self.OPTIMIZERS.items():
+                if getattr(self, f) is not None:
+                    getattr(self, f).load_state_dict(state["optimizers"][k])
+
+
+def make_agent(obs_dim: int, act_dim: int, args: Args, device) -> Agent:
+    actor = Actor(obs_dim, act_dim, args.hidden).to(device)
+    ag = Agent(actor, torch.optim.Adam(actor.parameters(), lr=args.actor_lr))
+    if args.bc:
+        return ag
+    ag.dynamics = DynamicsEnsemble(obs_dim, act_dim, args.n_ensemble, args.dynamics_hidden, args.n_elites).to(device)
+    ag.disc = Discriminator(obs_dim, act_dim, args.disc_hidden).to(device)
+    ag.disc_opt = torch.optim.Adam(ag.disc.parameters(), lr=args.disc_lr)
+    ag.critic = CriticEnsemble(obs_dim, act_dim, args.hidden, args.n_critics).to(device)
+    ag.critic_target = copy.deepcopy(ag.critic).requires_grad_(False)
+    ag.critic_opt = torch.optim.Adam(ag.critic.parameters(), lr=args.critic_lr)
+    ag.log_alpha_ent = torch.zeros((), device=device, requires_grad=True)
+    ag.alpha_ent_opt = torch.optim.Adam([ag.log_alpha_ent], lr=args.alpha_ent_lr)
+    ag.target_entropy = -float(act_dim)  # -|A| (SAC)
+    if args.compile:
+        ag.losses = LossFns().compiled()
+    return ag
+
+
+def sgd_step(opt: torch.optim.Optimizer, loss: torch.Tensor):
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def damo_update(ag: Agent, D: dict, N: int, synthetic: "SyntheticBuffer", args: Args) -> dict:
+    """One gradient step: discriminator (Eq. 3) -> batch with r~ (Eq. 4) -> critics (Eqs. 5-6) -> actor
+    (Eq. 7/7b) -> temperature (Eq. 8) -> target critics. Returns tensors for logging (no host sync)."""
+    device = D["rew"].device
+    n_real = max(1, int(round(args.batch_size * args.real_ratio)))
+    n_syn = args.batch_size - n_real
+    info_d = {}
+    if args.beta > 0:  # balanced batch: offline (label 1) vs synthetic (label 0)
+        d_off, d_syn = sample_rows(D, N, args.batch_size // 2, device), synthetic.sample(args.batch_size // 2)
+        loss_d, info_d = ag.losses.disc(ag.disc, (d_off["obs"], d_off["act"], d_off["next_obs"]),
+                                            (d_syn["obs"], d_syn["act"], d_syn["next_obs"]))
+        sgd_step(ag.disc_opt, loss_d)
+    # B = n_real offline rows, then n_syn synthetic rows
+    off, syn = sample_rows(D, N, n_real, device), synthetic.sample(n_syn)
+    batch = {k: torch.cat([off[k], syn[k]]) for k in off}
+    is_syn = (torch.arange(args.batch_size, device=device) >= n_real).float()
+    batch["rew"], bonus = corrected_reward(ag.disc, batch["obs"], batch["act"], batch["rew"], batch["next_obs"],
+                                           is_syn, args.beta, args.logit_clip)  # Eq. 4
+    # few offline rows in B (small real_ratio): the push-up term and Eq. 7b get an offline batch of their own
+    offline = sample_rows(D, N, args.batch_size, device) if n_real < args.batch_size // 2 else None
+    loss_q, info_q = ag.losses.critic(ag.critic, ag.critic_target, ag.actor, ag.log_alpha_ent, batch, n_real, offline,
+                                      args.alpha, args.gamma, args.backup_entropy)
+    sgd_step(ag.critic_opt, loss_q)
+    s_bc = offline if offline is not None else off
+    ag.critic.requires_grad_(False)  # the actor's backward needs dQ/da only, not the critics' weight gradients
+    loss_pi, info_pi, logp = ag.losses.actor(ag.critic, ag.actor, ag.log_alpha_ent, batch["obs"], s_bc["obs"], s_bc["act"],
+                                        args.alpha, args.bc_coef)
+    sgd_step(ag.actor_opt, loss_pi)
+    ag.critic.requires_grad_(True)
+    loss_a, info_a = ag.losses.temperature(ag.log_alpha_ent, logp, ag.target_entropy)
+    sgd_step(ag.alpha_ent_opt, loss_a)
+    with torch.no_grad():  # Polyak averaging of the target critics, in place, one fused call
+        torch._foreach_lerp_(list(ag.critic_target.parameters()), list(ag.critic.parameters()), args.tau)
+    info = {**info_d, **info_q, **info_pi, **info_a, "reward_bonus_synthetic": (bonus * is_syn).sum() / max(n_syn, 1)}
+    return {k: v.detach() for k, v in info.items()}
+
+
+def bc_update(ag: Agent, D: dict, N: int, args: Args) -> dict:
+    off = sample_rows(D, N, args.batch_size, D["rew"].device)
+    loss, info = bc_loss(ag.actor, off["obs"], off["act"])
+    sgd_step(ag.actor_opt, loss)
+    return info
+
+
+# ====================================================================================================
+# 6. Dynamics training (Eq. 9), model rollouts, evaluation
 # ====================================================================================================
 
 
@@ -778,31 +765,6 @@ def model_rollout(model: DynamicsEnsemble, actor: Actor, start_obs: torch.Tensor
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def sample_rows(data: dict, size: int, n: int, device) -> dict:
-    """n random rows (with replacement) of a dict of aligned tensors: one index tensor for all keys."""
-    idx = torch.randint(size, (n,), device=device)
-    return {k: v[idx] for k, v in data.items()}
-
-
-class SyntheticBuffer:
-    """FIFO ring buffer of synthetic transitions on the device (keeps the last few rollouts)."""
-
-    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device):
-        self.capacity, self.size, self.ptr = capacity, 0, 0
-        shapes = {"obs": (obs_dim,), "act": (act_dim,), "rew": (), "next_obs": (obs_dim,), "done": ()}
-        self.data = {k: torch.zeros((capacity, *sh), device=device) for k, sh in shapes.items()}
-
-    def add(self, batch: dict):
-        n = min(batch["rew"].shape[0], self.capacity)
-        idx = (self.ptr + torch.arange(n, device=batch["rew"].device)) % self.capacity
-        for k, v in batch.items():
-            self.data[k][idx] = v[-n:]
-        self.ptr, self.size = (self.ptr + n) % self.capacity, min(self.size + n, self.capacity)
-
-    def sample(self, n: int) -> dict:
-        return sample_rows(self.data, self.size, n, self.data["rew"].device)
-
-
 def make_eval_envs(env: gym.Env, n: int) -> list[gym.Env]:
     """n copies of the evaluation env (the given one first), one per evaluation episode."""
     return [env] + [gym.make(env.spec) for _ in range(n - 1)]
@@ -830,110 +792,622 @@ def evaluate(actor: Actor, envs: list[gym.Env], seed: int, obs_mean, obs_std, de
     return returns
 
 
-@dataclass
-class LossFns:
-    """The losses damo_update calls. --compile swaps in torch.compile'd versions of the same functions
-    (fused kernels, fewer Python ops per step; the math is unchanged, test_compiled_losses_equal_plain)."""
-
-    disc: Callable = discriminator_loss
-    critic: Callable = critic_loss
-    actor: Callable = actor_loss
-    temperature: Callable = alpha_loss
-
-    def compiled(self) -> "LossFns":
-        return LossFns(*(torch.compile(f) for f in (self.disc, self.critic, self.actor, self.temperature)))
-
-
-# ----------------------------------------------------------------------------------------------------
-# One gradient step of DAMO, in the order of the algorithm (used by main() and by --benchmark)
-# ----------------------------------------------------------------------------------------------------
+# ====================================================================================================
+# 7. Algorithm 1: data -> dynamics ensemble -> the maximin loop
+# ====================================================================================================
 
 
 @dataclass
-class Agent:
-    """The networks, their optimisers and the entropy temperature (nothing hidden: plain fields)."""
+class Data:
+    """The offline data D on the device (observations normalised) and what the loop needs beside it."""
 
-    actor: Actor
-    actor_opt: torch.optim.Optimizer
-    dynamics: Optional[DynamicsEnsemble] = None
-    disc: Optional[Discriminator] = None
-    disc_opt: Optional[torch.optim.Optimizer] = None
-    critic: Optional[CriticEnsemble] = None
-    critic_target: Optional[CriticEnsemble] = None
-    critic_opt: Optional[torch.optim.Optimizer] = None
-    log_alpha_ent: Optional[torch.Tensor] = None
-    alpha_ent_opt: Optional[torch.optim.Optimizer] = None
-    target_entropy: float = 0.0
-    losses: LossFns = field(default_factory=LossFns)
+    D: dict  # obs, act, rew, next_obs, done: [N, ...] tensors, batches are index tensors into them
+    N: int
+    info: dict  # dataset ids, reference scores, evaluation env id, ...
+    obs_mean: torch.Tensor
+    obs_std: torch.Tensor
+    term_fn: Callable
+    eval_envs: list  # one real env per evaluation episode
 
 
-def make_agent(obs_dim: int, act_dim: int, args: Args, device) -> Agent:
-    actor = Actor(obs_dim, act_dim, args.hidden).to(device)
-    ag = Agent(actor, torch.optim.Adam(actor.parameters(), lr=args.actor_lr))
-    if args.bc:
-        return ag
-    ag.dynamics = DynamicsEnsemble(obs_dim, act_dim, args.n_ensemble, args.dynamics_hidden, args.n_elites).to(device)
-    ag.disc = Discriminator(obs_dim, act_dim, args.disc_hidden).to(device)
-    ag.disc_opt = torch.optim.Adam(ag.disc.parameters(), lr=args.disc_lr)
-    ag.critic = CriticEnsemble(obs_dim, act_dim, args.hidden, args.n_critics).to(device)
-    ag.critic_target = copy.deepcopy(ag.critic).requires_grad_(False)
-    ag.critic_opt = torch.optim.Adam(ag.critic.parameters(), lr=args.critic_lr)
-    ag.log_alpha_ent = torch.zeros((), device=device, requires_grad=True)
-    ag.alpha_ent_opt = torch.optim.Adam([ag.log_alpha_ent], lr=args.alpha_ent_lr)
-    ag.target_entropy = -float(act_dim)  # -|A| (SAC)
-    if args.compile:
-        ag.losses = LossFns().compiled()
-    return ag
+def prepare_data(args: Args, device) -> Data:
+    """Algorithm 1, step 1: load D and normalise observations with D's mean and std; the same
+    statistics are applied to the model's inputs and the evaluation env, and saved with the checkpoint."""
+    if args.dataset_path:
+        data, info, env = load_d4rl_hdf5(args.dataset_path, args.env_id)
+    else:
+        data, info, env = load_dataset(args.env_id, download=args.download)
+    eval_envs = make_eval_envs(env, args.eval_episodes)
+    term_fn = termination_fn_for(info["env_family"], data) if not args.bc else never_terminates
+    obs_mean = torch.as_tensor(data["observations"].mean(0), device=device)
+    obs_std = torch.as_tensor(data["observations"].std(0), device=device).clamp_min(1e-3)
+    D = {
+        "obs": (torch.as_tensor(data["observations"], device=device) - obs_mean) / obs_std,
+        "act": torch.as_tensor(data["actions"], device=device),
+        "rew": torch.as_tensor(data["rewards"], device=device),
+        "next_obs": (torch.as_tensor(data["next_observations"], device=device) - obs_mean) / obs_std,
+        "done": torch.as_tensor(data["terminals"], device=device),
+    }
+    return Data(D, D["rew"].shape[0], info, obs_mean, obs_std, term_fn, eval_envs)
 
 
-def sgd_step(opt: torch.optim.Optimizer, loss: torch.Tensor):
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+def fit_dynamics(args: Args, model: DynamicsEnsemble, data: Data, gen: torch.Generator, log: "RunLog",
+                 status: "Progress") -> dict:
+    """Algorithm 1, step 2: train M^ on D (Eq. 9), or load a saved ensemble (--dynamics-path)."""
+    if args.dynamics_path:
+        info = load_dynamics(model, args.dynamics_path, data.obs_mean, data.obs_std, data.info)
+        status(f"dynamics: loaded {args.dynamics_path}, elites {info['elites']}", force=True)
+        return info
+    t0 = time.time()
+    D = data.D
+    X = torch.cat([D["obs"], D["act"]], -1)  # [N, obs + act]
+    Y = torch.cat([D["next_obs"] - D["obs"], D["rew"][:, None]], -1)  # [N, obs + 1]: (s' - s, r)
+
+    def progress(epoch, best, nll):
+        status(f"dynamics epoch {epoch}: holdout mse best {best.min():.4f}..{best.max():.4f}, nll {nll:.3f}, "
+               f"{time.time() - t0:.0f}s")
+
+    info = {**train_dynamics(model, X, Y, args, gen, progress), "source": "trained"}
+    seconds = time.time() - t0
+    status(f"dynamics: {info['dynamics_epochs']} epochs, elites {info['elites']}, holdout mse "
+           f"{np.mean(info['holdout_mse']):.4f}, {seconds:.0f}s", force=True)
+    log.dynamics(model, info, data)
+    return {**info, "seconds": seconds}
 
 
-def damo_update(ag: Agent, D: dict, N: int, synthetic: "SyntheticBuffer", args: Args) -> dict:
-    """One gradient step: discriminator (Eq. 3) -> batch with r~ (Eq. 4) -> critics (Eqs. 5-6) -> actor
-    (Eq. 7/7b) -> temperature (Eq. 8) -> target critics. Returns tensors for logging (no host sync)."""
-    device = D["rew"].device
-    n_real = max(1, int(round(args.batch_size * args.real_ratio)))
-    n_syn = args.batch_size - n_real
-    info_d = {}
-    if args.beta > 0:  # balanced batch: offline (label 1) vs synthetic (label 0)
-        d_off, d_syn = sample_rows(D, N, args.batch_size // 2, device), synthetic.sample(args.batch_size // 2)
-        loss_d, info_d = ag.losses.disc(ag.disc, (d_off["obs"], d_off["act"], d_off["next_obs"]),
-                                            (d_syn["obs"], d_syn["act"], d_syn["next_obs"]))
-        sgd_step(ag.disc_opt, loss_d)
-    # B = n_real offline rows, then n_syn synthetic rows
-    off, syn = sample_rows(D, N, n_real, device), synthetic.sample(n_syn)
-    batch = {k: torch.cat([off[k], syn[k]]) for k in off}
-    is_syn = (torch.arange(args.batch_size, device=device) >= n_real).float()
-    batch["rew"], bonus = corrected_reward(ag.disc, batch["obs"], batch["act"], batch["rew"], batch["next_obs"],
-                                           is_syn, args.beta, args.logit_clip)  # Eq. 4
-    # few offline rows in B (small real_ratio): the push-up term and Eq. 7b get an offline batch of their own
-    offline = sample_rows(D, N, args.batch_size, device) if n_real < args.batch_size // 2 else None
-    loss_q, info_q = ag.losses.critic(ag.critic, ag.critic_target, ag.actor, ag.log_alpha_ent, batch, n_real, offline,
-                                      args.alpha, args.gamma, args.backup_entropy)
-    sgd_step(ag.critic_opt, loss_q)
-    s_bc = offline if offline is not None else off
-    ag.critic.requires_grad_(False)  # the actor's backward needs dQ/da only, not the critics' weight gradients
-    loss_pi, info_pi, logp = ag.losses.actor(ag.critic, ag.actor, ag.log_alpha_ent, batch["obs"], s_bc["obs"], s_bc["act"],
-                                        args.alpha, args.bc_coef)
-    sgd_step(ag.actor_opt, loss_pi)
-    ag.critic.requires_grad_(True)
-    loss_a, info_a = ag.losses.temperature(ag.log_alpha_ent, logp, ag.target_entropy)
-    sgd_step(ag.alpha_ent_opt, loss_a)
-    with torch.no_grad():  # Polyak averaging of the target critics, in place, one fused call
-        torch._foreach_lerp_(list(ag.critic_target.parameters()), list(ag.critic.parameters()), args.tau)
-    info = {**info_d, **info_q, **info_pi, **info_a, "reward_bonus_synthetic": (bonus * is_syn).sum() / max(n_syn, 1)}
-    return {k: v.detach() for k, v in info.items()}
+@dataclass
+class History:
+    """What a run has measured so far (saved in every checkpoint, written to results.json at the end)."""
+
+    t_start: float
+    scores: list = field(default_factory=list)  # normalised score of each evaluation
+    returns: list = field(default_factory=list)  # mean raw return of each evaluation
+    last_returns: Optional[list] = None  # the episodes' returns of the last evaluation
+    rollout_info: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=lambda: {k: 0.0 for k in ("data_s", "dynamics_s", "rollout_s", "update_s", "eval_s")})
+    dynamics: dict = field(default_factory=dict)
+    resumed_at: list = field(default_factory=list)
+
+    def sps(self, step: int) -> float:
+        return step / max(self.timings["update_s"] + self.timings["rollout_s"], 1e-9)
 
 
-def bc_update(ag: Agent, D: dict, N: int, args: Args) -> dict:
-    off = sample_rows(D, N, args.batch_size, D["rew"].device)
-    loss, info = bc_loss(ag.actor, off["obs"], off["act"])
-    sgd_step(ag.actor_opt, loss)
-    return info
+def train(args: Args, ag: Agent, data: Data, synthetic: Optional[SyntheticBuffer], hist: History, log: "RunLog",
+          start_step: int, status: "Progress") -> int:
+    """Algorithm 1, step 3: epochs x steps_per_epoch gradient steps; an evaluation closes each epoch.
+    With --bc the same loop trains the behaviour-cloning baseline (no rollouts, actor only)."""
+    D, N, device = data.D, data.N, data.D["rew"].device
+    total_steps = args.epochs * args.steps_per_epoch
+    global_step = start_step
+    for global_step in range(start_step + 1, total_steps + 1):
+        # ---------------------------------------- ALGO LOGIC ----------------------------------------
+        t0 = time.time()
+        if synthetic is not None and (global_step - 1) % args.rollout_freq == 0:
+            # --- model rollouts: h steps of pi in M^ from offline start states, into the FIFO buffer S ---
+            start = D["obs"][torch.randint(N, (args.rollout_batch_size,), device=device)]
+            roll = model_rollout(ag.dynamics, ag.actor, start, args.rollout_length, data.term_fn, data.obs_mean,
+                                 data.obs_std)
+            synthetic.add(roll)
+            hist.timings["rollout_s"] += time.time() - t0
+            hist.rollout_info = {"rollout_transitions": roll["rew"].shape[0], "rollout_reward": roll["rew"].mean(),
+                                 "rollout_done_rate": roll["done"].mean()}
+            t0 = time.time()
+        # --- discriminator, critics, actor, temperature, target critics (Eqs. 3-8) ---
+        info = bc_update(ag, D, N, args) if synthetic is None else damo_update(ag, D, N, synthetic, args)
+        hist.timings["update_s"] += time.time() - t0
+
+        # ----------------------- TRY NOT TO MODIFY: logging, evaluation, checkpoints -----------------------
+        if global_step % args.log_every == 0:  # the only host syncs of the loop
+            log.scalars(global_step, {**info, **hist.rollout_info}, hist.sps(global_step))
+        if global_step % args.steps_per_epoch == 0:
+            t0 = time.time()
+            ag.actor.eval()
+            rets = evaluate(ag.actor, data.eval_envs, args.seed + 10_000, data.obs_mean, data.obs_std, device)
+            ag.actor.train()
+            hist.timings["eval_s"] += time.time() - t0
+            norm = normalized_score(rets, data.info)
+            hist.scores.append(float(norm.mean()))
+            hist.returns.append(float(rets.mean()))
+            hist.last_returns = rets.tolist()
+            epoch = global_step // args.steps_per_epoch
+            log.evaluation(global_step, epoch, rets, norm, time.time() - hist.t_start)
+            status(f"epoch {epoch}/{args.epochs} step {global_step}: return {rets.mean():.1f} +- {rets.std():.1f}, "
+                   f"score {norm.mean():.1f}, {hist.sps(global_step):.0f} steps/s", force=True)
+        elif global_step % 100 == 0:
+            last = f"{hist.scores[-1]:.1f}" if hist.scores else "-"
+            status(f"step {global_step}/{total_steps}, {hist.sps(global_step):.0f} steps/s, last score {last}")
+        if global_step % args.checkpoint_every == 0 or global_step == total_steps:
+            log.writer.flush()  # the TensorBoard events up to the checkpoint are on disk with it
+            save_checkpoint(os.path.join(log.run_dir, "checkpoint.pt"), global_step, args, ag, data, synthetic, hist)
+    return global_step
+
+
+def main(args: Args, explicit: Optional[set] = None) -> dict:
+    """One run: check the flags, seed, load D, open the run folder, build the networks, train or load
+    M^ (or restore a checkpoint with --resume), run the loop, write results.json."""
+    hist = History(t_start=time.time())
+    check_args(args)
+    ck = None
+    if args.resume:  # called from Python without `explicit`: every field that differs from the default counts
+        explicit = explicit if explicit is not None else {f for f in Args.__dataclass_fields__
+                                                          if getattr(args, f) != getattr(Args(), f)}
+        ck, args = load_resume(args, explicit)
+
+    # --- seeding (CleanRL block); a resumed run restores every RNG state from its checkpoint ---
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if device.type == "cpu" and args.threads > 0:
+        torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    t0 = time.time()
+    data = prepare_data(args, device)
+    hist.timings["data_s"] = time.time() - t0
+    if ck is not None:
+        check_resume_data(args, ck, data)
+    start_step = 0 if ck is None else int(ck["global_step"])
+    log = RunLog(args, data.info, device, start_step, resumed=ck is not None)
+
+    obs_dim, act_dim = data.D["obs"].shape[1], data.D["act"].shape[1]
+    ag = make_agent(obs_dim, act_dim, args, device)
+    synthetic = None if args.bc else SyntheticBuffer(
+        args.rollout_batch_size * args.rollout_length * args.model_retain_rollouts, obs_dim, act_dim, device)
+    status = Progress()
+    if ck is not None:
+        restore_checkpoint(ck, args, ag, data, synthetic, hist)
+        status(f"resumed {log.run_dir} at step {start_step} (dynamics from the checkpoint, not retrained)", force=True)
+    elif not args.bc:
+        hist.dynamics = fit_dynamics(args, ag.dynamics, data, gen, log, status)
+        hist.timings["dynamics_s"] = hist.dynamics.pop("seconds", 0.0)
+
+    global_step = train(args, ag, data, synthetic, hist, log, start_step, status)
+    log.close()
+    return log.results(args, data.info, hist, global_step, device)
+
+
+# ====================================================================================================
+# Appendix: plumbing (not part of DAMO). Flag checks, Minari and D4RL loading, the run folder,
+# checkpoints and --resume, --eval-only and video, --benchmark, progress, versions
+# ====================================================================================================
+
+
+# Allowed values of every numeric flag, checked by check_args() before any work starts:
+# (lowest, highest, is the lowest itself allowed). None = unbounded on that side.
+FLAG_RANGES = {
+    "threads": (0, None, True), "benchmark_repeats": (1, None, True), "checkpoint_every": (1, None, True),
+    "log_every": (1, None, True),
+    "n_ensemble": (1, None, True), "n_elites": (1, None, True), "dynamics_hidden": (1, None, True),
+    "dynamics_lr": (0, None, False), "dynamics_batch_size": (1, None, True), "dynamics_max_epochs": (1, None, True),
+    "dynamics_patience": (1, None, True), "dynamics_holdout": (1, None, True),
+    "rollout_freq": (1, None, True), "rollout_batch_size": (1, None, True), "rollout_length": (1, None, True),
+    "model_retain_rollouts": (1, None, True), "real_ratio": (0, 1, False),
+    "beta": (0, None, True), "logit_clip": (0, None, False), "disc_hidden": (1, None, True), "disc_lr": (0, None, False),
+    "alpha": (0, None, True), "bc_coef": (0, None, True), "gamma": (0, 1, False), "tau": (0, 1, False),
+    "batch_size": (2, None, True), "actor_lr": (0, None, False), "critic_lr": (0, None, False),
+    "alpha_ent_lr": (0, None, False), "n_critics": (1, None, True), "hidden": (1, None, True),
+    "epochs": (1, None, True), "steps_per_epoch": (1, None, True), "eval_episodes": (1, None, True),
+}
+
+
+def check_args(args: "Args"):
+    """Every flag's value, before any work: a value that cannot work is a DamoError naming the flag,
+    the value and the allowed range (exit status 2, no run folder)."""
+    for name, (lo, hi, lo_ok) in FLAG_RANGES.items():
+        v = getattr(args, name)
+        if v is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if not math.isfinite(v) or (lo is not None and (v < lo or (v == lo and not lo_ok))) or (hi is not None and v > hi):
+            rng = ("[" if lo_ok else "(") + f"{lo}, " + (f"{hi}]" if hi is not None else "inf)")
+            raise DamoError(f"{flag} {v} is out of range; allowed: {rng}")
+    if args.n_elites > args.n_ensemble:
+        raise DamoError(f"--n-elites {args.n_elites} is more than --n-ensemble {args.n_ensemble}; allowed: 1..n_ensemble")
+
+
+def explicit_flags(argv: list[str]) -> set:
+    """The Args fields named on the command line (--env-id x, --env-id=x, --no-cuda -> env_id, cuda)."""
+    names = set()
+    for a in argv:
+        if a.startswith("--"):
+            n = a[2:].split("=", 1)[0].replace("-", "_")
+            names.add(n[3:] if n.startswith("no_") and n[3:] in Args.__dataclass_fields__ else n)
+    return names & set(Args.__dataclass_fields__)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Minari: dataset ids, versions, download, messages
+# ----------------------------------------------------------------------------------------------------
+
+
+def _remote_reachable(timeout: float = 5.0) -> bool:
+    """Is Minari's remote reachable? One TCP connect, so a machine without network fails in seconds
+    instead of after Minari's ~25 s of retries."""
+    remote = os.environ.get("MINARI_REMOTE", "hf://farama-minari")
+    if remote.startswith("hf://"):
+        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    elif remote.startswith("gcp://"):
+        host = "storage.googleapis.com"
+    else:
+        host = urlparse(remote).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_minari_id(dataset_id: str, download: bool, required: bool = True) -> Optional[str]:
+    """Turn `ns/name` or `ns/name-vN` into an existing id: a given version as is; otherwise the newest
+    local version, else the newest compatible remote version (fetched later by load_dataset)."""
+    import minari
+    from minari.dataset.minari_dataset import parse_dataset_id
+
+    m = re.fullmatch(r"(?:(?P<ns>[\w.-]+(?:/[\w.-]+)*)/)?(?P<name>[\w.-]+?)(?:-v(?P<v>\d+))?", dataset_id)
+    if m is None:
+        raise DamoError(f"malformed Minari id '{dataset_id}' (expected namespace/name or namespace/name-vN)")
+    if m["v"] is not None:
+        return dataset_id
+    namespace, name = m["ns"], m["name"]
+    local = [parse_dataset_id(i)[2] for i in minari.list_local_datasets(prefix=namespace)
+             if parse_dataset_id(i)[:2] == (namespace, name)]
+    if local:
+        return f"{namespace}/{name}-v{max(local)}"
+    if download:
+        if not _remote_reachable():
+            if not required:
+                return None
+            raise DamoError(missing_dataset_message(dataset_id, "and Minari's remote cannot be reached (no network?)"))
+        try:
+            remote = minari.list_remote_datasets(prefix=f"{namespace}/{name}", compatible_minari_version=True)
+        except ImportError as e:
+            raise DamoError(f"downloading needs minari's hub support: pip install 'minari[hf]' ({e})") from None
+        except Exception as e:  # network errors come from several client libraries
+            if not required:
+                return None
+            raise DamoError(missing_dataset_message(dataset_id, f"and listing the remote failed: {e}")) from None
+        versions = [parse_dataset_id(i)[2] for i in remote if parse_dataset_id(i)[:2] == (namespace, name)]
+        if versions:
+            return f"{namespace}/{name}-v{max(versions)}"
+    if required:
+        raise DamoError(missing_dataset_message(dataset_id, "locally" + ("" if download else " (--no-download)")))
+    return None
+
+
+def missing_dataset_message(dataset_id: str, why: str) -> str:
+    from minari.storage import get_dataset_path
+
+    return (
+        f"Minari dataset '{dataset_id}' was not found {why}.\n"
+        f"Searched: {get_dataset_path()} (set MINARI_DATASETS_PATH to look elsewhere).\n"
+        f"On a machine with network: pip install 'minari[hf]' && minari download {dataset_id}\n"
+        f"(or run damo.py there once), then copy that folder here. "
+        f"README 'Local data' shows how to build a local stand-in from the carried behaviour policies."
+    )
+
+
+def dataset_ids_for(env_id: str, download: bool) -> tuple[list[str], str]:
+    """Map --env-id to the Minari ids to load (two for a medium-expert that must be combined) and the
+    environment family ('hopper', ...; '' if unknown). Raises DamoError for an unknown id."""
+    if "/" not in env_id:
+        if env_id not in SHORT_IDS:
+            raise DamoError(f"unknown --env-id '{env_id}'. Accepted short ids: {', '.join(SHORT_IDS)}; "
+                            "or a full Minari id such as mujoco/hopper/medium-v0")
+        family, quality = env_id.split("-", 1)
+        base = f"mujoco/{family}/{quality}"
+    else:
+        base, family = env_id, next((e for e in ENVS if f"/{e}/" in env_id), "")
+    if base.endswith("/medium-expert") or "/medium-expert-v" in base:
+        # A published medium-expert (Minari's -v2 scripts build one) wins; otherwise combine the two
+        # sets, as D4RL built medium-expert by concatenating medium and expert.
+        published = resolve_minari_id(base, download, required=False)
+        if published is not None:
+            return [published], family
+        stem = base.rsplit("/", 1)[0]
+        return [resolve_minari_id(f"{stem}/medium", download), resolve_minari_id(f"{stem}/expert", download)], family
+    return [resolve_minari_id(base, download)], family
+
+
+# ----------------------------------------------------------------------------------------------------
+# D4RL -v2 hdf5 files (--dataset-path)
+# ----------------------------------------------------------------------------------------------------
+
+
+D4RL_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
+
+
+def load_d4rl_hdf5(path: str, env_id: str) -> tuple[dict, dict, gym.Env]:
+    """--dataset-path: a D4RL -v2 hdf5 file (flat arrays, one row per transition). `terminals` is the
+    bootstrap mask; `timeouts` end an episode without terminating, so they only count episodes. The env
+    family comes from the file name (hopper_medium_expert-v2.hdf5), else from --env-id; evaluation runs
+    in the Gymnasium v5 env of that family with D4RL's reference returns (README "D4RL files")."""
+    import h5py
+
+    name = os.path.basename(path).lower()
+    family = next((e for e in ENVS if e in name), None) or (env_id.split("-")[0] if env_id in SHORT_IDS else None)
+    if family is None:
+        raise DamoError(f"--dataset-path {path}: cannot tell the environment from the file name; name it like "
+                        f"D4RL's (hopper_medium-v2.hdf5) or pass a short --env-id such as hopper-medium")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in D4RL_KEYS if k not in f]
+            if missing:
+                raise DamoError(f"--dataset-path {path} lacks {missing}: expected D4RL's -v2 layout with keys "
+                                f"{', '.join(D4RL_KEYS)} (-v0/-v1 files have no next_observations; use -v2)")
+            raw = {k: np.asarray(f[k], dtype=np.float32) for k in D4RL_KEYS}
+    except (OSError, ValueError) as e:  # missing file, not hdf5, truncated
+        raise DamoError(f"--dataset-path {path}: cannot read it as hdf5 ({type(e).__name__}: {e})") from None
+    lengths = {k: len(v) for k, v in raw.items()}
+    if len(set(lengths.values())) != 1:
+        raise DamoError(f"--dataset-path {path}: arrays have different lengths {lengths}")
+    for k, v in raw.items():
+        if not np.isfinite(v).all():
+            raise DamoError(f"--dataset-path {path} has {int((~np.isfinite(v)).sum())} non-finite values in '{k}'")
+    env = gym.make(BENCH_ENVS[family])
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    if raw["observations"].shape[1:] != (obs_dim,) or raw["next_observations"].shape[1:] != (obs_dim,) \
+            or raw["actions"].shape[1:] != (act_dim,):
+        raise DamoError(f"--dataset-path {path}: obs {raw['observations'].shape[1:]}, act {raw['actions'].shape[1:]} "
+                        f"do not match {env.spec.id} (({obs_dim},), ({act_dim},)); is it a {family} file?")
+    ends = (raw["terminals"] > 0.5) | (raw["timeouts"] > 0.5)
+    data = {k: raw[k] for k in ("observations", "actions", "rewards", "next_observations")}
+    data["terminals"] = (raw["terminals"] > 0.5).astype(np.float32)  # timeouts still bootstrap
+    ref = D4RL_REF[family]
+    info = dict(dataset_ids=[f"d4rl:{os.path.basename(path)}"], env_family=family, eval_env_id=env.spec.id,
+                ref_min_score=ref[0], ref_max_score=ref[1],
+                ref_source=f"D4RL reference returns, evaluated in {env.spec.id} (not D4RL's mujoco-py env)",
+                n_transitions=int(len(data["rewards"])), n_episodes=int(ends.sum() + (not ends[-1])),
+                dataset_path=os.path.abspath(path))
+    return data, info, env
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run folder: TensorBoard, config.json, eval.csv, dynamics.pt, results.json (W&B with --track)
+# ----------------------------------------------------------------------------------------------------
+
+
+class RunLog:
+    """runs/{run_name}/ and everything written into it while a run trains."""
+
+    EVAL_HEADER = ["global_step", "epoch", "return_mean", "return_std", "normalized_score", "normalized_score_std",
+                   "wall_time_s"]
+
+    def __init__(self, args: Args, info: dict, device, start_step: int, resumed: bool):
+        from torch.utils.tensorboard import SummaryWriter
+
+        name = args.run_name or f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        self.run_dir = os.path.join(args.runs_dir, name)
+        os.makedirs(self.run_dir, exist_ok=True)
+        # purge_step: TensorBoard drops events a killed run logged after its last checkpoint (no duplicates)
+        self.writer = SummaryWriter(self.run_dir, purge_step=start_step + 1 if resumed else None)
+        eval_path = os.path.join(self.run_dir, "eval.csv")
+        rows = []
+        if not resumed:
+            self.writer.add_text("hyperparameters",
+                                 "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+            config = {"args": asdict(args), "data": info, "device": str(device), "versions": package_versions()}
+            with open(os.path.join(self.run_dir, "config.json"), "w") as f:
+                json.dump(config, f, indent=2)
+        elif os.path.isfile(eval_path):  # keep the evaluations up to the checkpoint; later ones are redone
+            with open(eval_path, newline="") as f:
+                rows = [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= start_step]
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config={"args": asdict(args), "data": info}, name=name, save_code=True, id=name, resume="allow")
+        with open(eval_path + ".tmp", "w", newline="") as f:  # (re)written atomically, then appended row by row
+            csv.writer(f).writerows([self.EVAL_HEADER, *rows])
+        os.replace(eval_path + ".tmp", eval_path)
+        self.eval_file = open(eval_path, "a", newline="")
+        self.eval_csv = csv.writer(self.eval_file)
+        print(f"run {self.run_dir}: {info['dataset_ids']} ({info['n_transitions']} transitions, {info['n_episodes']} "
+              f"episodes), eval env {info['eval_env_id']}, scores: {info['ref_source']}, device {device}"
+              + (f", resumed at step {start_step}" if resumed else ""), file=sys.stderr)
+
+    def dynamics(self, model: DynamicsEnsemble, info: dict, data: "Data"):
+        for k, v in enumerate(info["holdout_mse"]):
+            self.writer.add_scalar("diagnostics/dynamics_holdout_mse", v, k)
+        save_atomic({"dynamics": model.state_dict(), "obs_mean": data.obs_mean.cpu(), "obs_std": data.obs_std.cpu(),
+                     "data": data.info, "info": info}, os.path.join(self.run_dir, "dynamics.pt"))
+
+    def scalars(self, step: int, info: dict, sps: float):
+        for k, v in ((k, float(v)) for k, v in info.items()):
+            if not math.isfinite(v):
+                self.close()
+                raise DamoError(f"non-finite {k} = {v} at gradient step {step}; the run stopped "
+                                f"(files so far are in {self.run_dir}). Try a smaller learning rate or alpha.")
+            group = "losses/" if k.endswith(("loss", "_mse")) else "diagnostics/"
+            self.writer.add_scalar(group + k, v, step)
+        self.writer.add_scalar("charts/SPS", sps, step)
+
+    def evaluation(self, step: int, epoch: int, rets: np.ndarray, norm: np.ndarray, wall_s: float):
+        self.eval_csv.writerow([step, epoch, f"{rets.mean():.4f}", f"{rets.std():.4f}", f"{norm.mean():.4f}",
+                                f"{norm.std():.4f}", f"{wall_s:.2f}"])
+        self.eval_file.flush()
+        self.writer.add_scalar("charts/return_mean", rets.mean(), step)
+        self.writer.add_scalar("charts/normalized_score", norm.mean(), step)
+
+    def close(self):
+        self.eval_file.close()
+        self.writer.close()
+
+    def results(self, args: Args, info: dict, hist: "History", global_step: int, device) -> dict:
+        scores, returns = hist.scores, hist.returns
+        train_s = hist.timings["update_s"] + hist.timings["rollout_s"]
+        results = {
+            "env_id": args.env_id, "dataset_ids": info["dataset_ids"], "seed": args.seed,
+            "variant": "bc" if args.bc else f"damo(alpha={args.alpha},beta={args.beta},eta={args.bc_coef})",
+            "global_steps": global_step, "eval_episodes": args.eval_episodes,
+            "final_normalized_score": scores[-1] if scores else None,
+            "last10_normalized_score": float(np.mean(scores[-10:])) if scores else None,
+            "final_return_mean": returns[-1] if returns else None,
+            "last10_return_mean": float(np.mean(returns[-10:])) if returns else None,
+            "final_returns": hist.last_returns,
+            "score_reference": info["ref_source"],
+            "gradient_steps_per_s": global_step / max(train_s, 1e-9),
+            "wall_time_s": {**hist.timings, "total_s": time.time() - hist.t_start},
+            "dynamics": hist.dynamics, "resumed_at_steps": hist.resumed_at, "device": str(device),
+            "versions": package_versions(),
+        }
+        with open(os.path.join(self.run_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        print(json.dumps({k: results[k] for k in ("final_normalized_score", "last10_normalized_score",
+                                                  "final_return_mean", "gradient_steps_per_s")}))
+        return results
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints and --resume: save_checkpoint / restore_checkpoint are the only places that know what a
+# checkpoint holds (the Agent's own state_dict / load_state_dict hold the networks' part)
+# ----------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: str, step: int, args: Args, ag: Agent, data: "Data", synthetic, hist: "History"):
+    """Everything needed to continue exactly: networks, optimisers, temperature, synthetic buffer,
+    RNG states, the step and the run's history (written atomically)."""
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if data.obs_mean.device.type == "cuda" else None}
+    buffer = None
+    if synthetic is not None and args.checkpoint_buffer:
+        buffer = {"size": synthetic.size, "ptr": synthetic.ptr,
+                  "data": {k: v[: synthetic.size] for k, v in synthetic.data.items()}}
+    save_atomic({
+        "args": asdict(args), "data": data.info, "global_step": step,
+        "obs_mean": data.obs_mean.cpu(), "obs_std": data.obs_std.cpu(), **ag.state_dict(),
+        "synthetic": buffer, "rng": rng,
+        "progress": {"scores": hist.scores, "returns": hist.returns, "last_returns": hist.last_returns,
+                     "rollout_info": {k: float(v) for k, v in hist.rollout_info.items()}, "timings": hist.timings,
+                     "elapsed_s": time.time() - hist.t_start, "dynamics": hist.dynamics,
+                     "resumed_at": hist.resumed_at},
+    }, path)
+
+
+def restore_checkpoint(ck: dict, args: Args, ag: Agent, data: "Data", synthetic, hist: "History"):
+    """The inverse of save_checkpoint. The RNG states are restored last, so that refilling the synthetic
+    buffer (a checkpoint written with --no-checkpoint-buffer) does not shift the random streams."""
+    ag.load_state_dict(ck)
+    p = ck["progress"]
+    hist.scores, hist.returns, hist.last_returns, hist.dynamics = p["scores"], p["returns"], p["last_returns"], p["dynamics"]
+    hist.rollout_info, hist.timings = p["rollout_info"], p["timings"]
+    hist.resumed_at = p["resumed_at"] + [int(ck["global_step"])]
+    hist.t_start = time.time() - p["elapsed_s"]
+    if synthetic is not None and ck["synthetic"] is not None:
+        b = ck["synthetic"]
+        for k, v in b["data"].items():
+            synthetic.data[k][: b["size"]] = v.to(synthetic.data[k].device)
+        synthetic.size, synthetic.ptr = b["size"], b["ptr"]
+    elif synthetic is not None:  # documented rebuild (--no-checkpoint-buffer): fresh rollouts of the current policy
+        for _ in range(args.model_retain_rollouts):
+            start = data.D["obs"][torch.randint(data.N, (args.rollout_batch_size,), device=data.obs_mean.device)]
+            synthetic.add(model_rollout(ag.dynamics, ag.actor, start, args.rollout_length, data.term_fn,
+                                        data.obs_mean, data.obs_std))
+    random.setstate(ck["rng"]["python"])
+    np.random.set_state(ck["rng"]["numpy"])
+    torch.set_rng_state(ck["rng"]["torch"])
+    if data.obs_mean.device.type == "cuda" and ck["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+
+
+def check_resume_data(args: Args, ck: dict, data: "Data"):
+    if (ck["data"]["dataset_ids"] != data.info["dataset_ids"] or ck["data"]["n_transitions"] != data.N
+            or not torch.allclose(ck["obs_mean"].to(data.obs_mean), data.obs_mean)):
+        raise DamoError(f"--resume {args.resume}: the run trained on {ck['data']['dataset_ids']} "
+                        f"({ck['data']['n_transitions']} transitions); the data found now is {data.info['dataset_ids']} "
+                        f"({data.N}). Point MINARI_DATASETS_PATH / --dataset-path at the run's data.")
+
+
+def load_agent(path: str, device="cpu") -> tuple[Agent, dict]:
+    """A run folder (or its checkpoint.pt) -> (the Agent with the saved weights, the checkpoint dict:
+    args, data info, obs_mean/obs_std, global_step). Used by --eval-only, plot.py and the tests."""
+    path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+    try:
+        ck = torch.load(path, map_location=device, weights_only=False)
+        args = Args(**{**ck["args"], "compile": False})
+        obs_dim = ck["obs_mean"].numel()
+        act_dim = [v for v in ck["actor"].values() if v.dim() == 2][-1].shape[0] // 2  # last layer: mean, log-std
+        ag = make_agent(obs_dim, act_dim, args, device)
+        ag.load_state_dict(ck, optimizers=False)
+    except Exception as e:
+        raise DamoError(f"cannot load a checkpoint from {path} ({type(e).__name__}: {e})") from None
+    ck["path"] = path
+    return ag, ck
+
+
+RESUME_MAY_CHANGE = ("resume", "epochs", "threads", "cuda", "log_every", "checkpoint_every", "track",
+                     "wandb_project_name", "wandb_entity", "download", "compile")
+
+
+def load_resume(args: Args, explicit: set) -> tuple[dict, Args]:
+    """--resume RUN: read RUN/checkpoint.pt and rebuild the run's Args from it. A flag given on the
+    command line that contradicts the run (another --env-id, --seed, alpha ...) is an error, not a
+    silent override; only RESUME_MAY_CHANGE may differ."""
+    run_dir = os.path.normpath(args.resume)
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise DamoError(f"--resume {run_dir}: no checkpoint.pt there (runs write one every --checkpoint-every steps)")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        saved, step = ck["args"], int(ck["global_step"])
+        if "rng" not in ck or "progress" not in ck:
+            raise KeyError("no training state (rng, progress) in it")
+    except Exception as e:
+        raise DamoError(f"--resume {run_dir}: checkpoint.pt cannot be loaded ({type(e).__name__}: {e}); it is "
+                        f"truncated, corrupt or from an older damo.py. Nothing in {run_dir} was changed.") from None
+    clash = [f for f in sorted(explicit) if f not in RESUME_MAY_CHANGE and f in saved and getattr(args, f) != saved[f]]
+    if clash:
+        what = ", ".join(f"--{f.replace('_', '-')} {saved[f]!r} (asked: {getattr(args, f)!r})" for f in clash)
+        raise DamoError(f"--resume {run_dir}: that run has {what}. A resumed run keeps its settings; drop those "
+                        f"flags, or start a new run. May change: "
+                        f"{', '.join('--' + f.replace('_', '-') for f in RESUME_MAY_CHANGE[1:])}.")
+    new = Args(**{**saved, **{f: getattr(args, f) for f in RESUME_MAY_CHANGE if f in explicit}})
+    new.resume, new.runs_dir, new.run_name = args.resume, os.path.dirname(run_dir) or ".", os.path.basename(run_dir)
+    if step >= new.epochs * new.steps_per_epoch:
+        raise DamoError(f"--resume {run_dir}: the run already finished at step {step}; pass a larger --epochs "
+                        f"(now {new.epochs}) to train it further")
+    return ck, new
+
+
+def load_dynamics(model: DynamicsEnsemble, path: str, obs_mean, obs_std, info: dict) -> dict:
+    """Load a saved ensemble; it works in normalised coordinates, so it must come from the same data."""
+    try:
+        saved = torch.load(path, map_location=obs_mean.device, weights_only=False)
+        state, mean, std = saved["dynamics"], saved["obs_mean"], saved["obs_std"]
+        model.load_state_dict(state)
+    except Exception as e:
+        raise DamoError(f"--dynamics-path {path}: cannot load a dynamics ensemble from it ({type(e).__name__}: {e})") from None
+    if saved.get("data", {}).get("dataset_ids") != info["dataset_ids"] or not (
+            torch.allclose(mean.to(obs_mean), obs_mean) and torch.allclose(std.to(obs_std), obs_std)):
+        raise DamoError(f"--dynamics-path {path} was trained on {saved.get('data', {}).get('dataset_ids')} "
+                        f"with other normalisation statistics; this run uses {info['dataset_ids']}")
+    return {**saved.get("info", {}), "source": os.path.abspath(path), "elites": model.elites.tolist()}
+
+
+def save_atomic(obj, path: str):
+    """Write to a temporary file, then rename: a kill at any moment leaves the old or the new file.
+    A failed write (disk full, read-only folder) removes the partial file and keeps the old one."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:  # a Python file, so a full disk raises OSError(ENOSPC), not a C++ error
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise DamoError(f"cannot write {path} ({e.strerror or e}); the previous {os.path.basename(path)} and the "
+                        f"logs beside it are intact. Free disk space or fix permissions, then continue with "
+                        f"--resume {os.path.dirname(path) or '.'}") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# --eval-only (and --capture-video)
+# ----------------------------------------------------------------------------------------------------
 
 
 def make_video_env(env_id: str, video_dir: str, prefix: str) -> gym.Env:
@@ -962,21 +1436,14 @@ def make_video_env(env_id: str, video_dir: str, prefix: str) -> gym.Env:
 
 def eval_only(args: Args) -> dict:
     """Evaluate a saved policy in its dataset's real environment: raw returns and normalised score."""
-    path = os.path.join(args.eval_only, "checkpoint.pt") if os.path.isdir(args.eval_only) else args.eval_only
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-        saved = Args(**ck["args"])
-        actor = Actor(ck["obs_mean"].numel(), ck["actor"]["trunk.4.weight"].shape[0] // 2, saved.hidden)
-        actor.load_state_dict(ck["actor"])
-    except Exception as e:
-        raise DamoError(f"--eval-only {args.eval_only}: cannot load a checkpoint from {path} ({type(e).__name__}: {e})") from None
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    env_id = ck["data"]["eval_env_id"]
+    ag, ck = load_agent(args.eval_only)
+    path, env_id = ck["path"], ck["data"]["eval_env_id"]
     video_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "videos")
     env = make_video_env(env_id, video_dir, f"step{ck['global_step']}") if args.capture_video else gym.make(env_id)
     envs = [env] + [gym.make(env_id) for _ in range(args.eval_episodes - 1)]  # the video shows episode 0
-    rets = evaluate(actor, envs, args.seed + 10_000, ck["obs_mean"], ck["obs_std"], "cpu")
+    rets = evaluate(ag.actor, envs, args.seed + 10_000, ck["obs_mean"], ck["obs_std"], "cpu")
     for e in envs:
         e.close()  # RecordVideo writes the MP4 here
     norm = normalized_score(rets, ck["data"])
@@ -994,9 +1461,10 @@ def eval_only(args: Args) -> dict:
     return out
 
 
-# ====================================================================================================
+# ----------------------------------------------------------------------------------------------------
 # --benchmark: time every phase on random data of the env's real shapes
-# ====================================================================================================
+# ----------------------------------------------------------------------------------------------------
+
 
 def benchmark(args: Args) -> dict:
     """Median time of each phase over `benchmark_repeats` repeats after a warm-up, on random data with
@@ -1100,56 +1568,9 @@ def print_benchmark(res: dict, path: str):
     print(json.dumps(res))
 
 
-# ====================================================================================================
-# 6. Main: train dynamics, then the maximin loop
-# ====================================================================================================
-
-
-def load_dynamics(model: DynamicsEnsemble, path: str, obs_mean, obs_std, info: dict) -> dict:
-    """Load a saved ensemble; it works in normalised coordinates, so it must come from the same data."""
-    try:
-        saved = torch.load(path, map_location=obs_mean.device, weights_only=False)
-        state, mean, std = saved["dynamics"], saved["obs_mean"], saved["obs_std"]
-        model.load_state_dict(state)
-    except Exception as e:
-        raise DamoError(f"--dynamics-path {path}: cannot load a dynamics ensemble from it ({type(e).__name__}: {e})") from None
-    if saved.get("data", {}).get("dataset_ids") != info["dataset_ids"] or not (
-            torch.allclose(mean.to(obs_mean), obs_mean) and torch.allclose(std.to(obs_std), obs_std)):
-        raise DamoError(f"--dynamics-path {path} was trained on {saved.get('data', {}).get('dataset_ids')} "
-                        f"with other normalisation statistics; this run uses {info['dataset_ids']}")
-    return {**saved.get("info", {}), "source": os.path.abspath(path), "elites": model.elites.tolist()}
-
-
-def save_atomic(obj, path: str):
-    """Write to a temporary file, then rename: a kill at any moment leaves the old or the new file.
-    A failed write (disk full, read-only folder) removes the partial file and keeps the old one."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:  # a Python file, so a full disk raises OSError(ENOSPC), not a C++ error
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise DamoError(f"cannot write {path} ({e.strerror or e}); the previous {os.path.basename(path)} and the "
-                        f"logs beside it are intact. Free disk space or fix permissions, then continue with "
-                        f"--resume {os.path.dirname(path) or '.'}") from None
-
-
-def package_versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for p in ("torch", "numpy", "gymnasium", "mujoco", "minari"):
-        try:
-            out[p] = md.version(p)
-        except md.PackageNotFoundError:
-            out[p] = None
-    return out
+# ----------------------------------------------------------------------------------------------------
+# Progress line, package versions
+# ----------------------------------------------------------------------------------------------------
 
 
 class Progress:
@@ -1166,306 +1587,16 @@ class Progress:
             print(f"\r{text:<110}", end=end, file=sys.stderr, flush=True)
 
 
-# settings a resumed run may change; every other flag is the run's own (config.json, the checkpoint)
-RESUME_MAY_CHANGE = ("resume", "epochs", "threads", "cuda", "log_every", "checkpoint_every", "track",
-                     "wandb_project_name", "wandb_entity", "download", "compile")
+def package_versions() -> dict:
+    import importlib.metadata as md
 
-
-def load_resume(args: Args, explicit: set) -> tuple[dict, Args]:
-    """--resume RUN: read RUN/checkpoint.pt and rebuild the run's Args from it. A flag given on the
-    command line that contradicts the run (another --env-id, --seed, alpha ...) is an error, not a
-    silent override; only RESUME_MAY_CHANGE may differ."""
-    run_dir = os.path.normpath(args.resume)
-    path = os.path.join(run_dir, "checkpoint.pt")
-    if not os.path.isfile(path):
-        raise DamoError(f"--resume {run_dir}: no checkpoint.pt there (runs write one every --checkpoint-every steps)")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-        saved, step = ck["args"], int(ck["global_step"])
-        if "rng" not in ck or "progress" not in ck:
-            raise KeyError("no training state (rng, progress) in it")
-    except Exception as e:
-        raise DamoError(f"--resume {run_dir}: checkpoint.pt cannot be loaded ({type(e).__name__}: {e}); it is "
-                        f"truncated, corrupt or from an older damo.py. Nothing in {run_dir} was changed.") from None
-    clash = [f for f in sorted(explicit) if f not in RESUME_MAY_CHANGE and f in saved and getattr(args, f) != saved[f]]
-    if clash:
-        what = ", ".join(f"--{f.replace('_', '-')} {saved[f]!r} (asked: {getattr(args, f)!r})" for f in clash)
-        raise DamoError(f"--resume {run_dir}: that run has {what}. A resumed run keeps its settings; drop those "
-                        f"flags, or start a new run. May change: "
-                        f"{', '.join('--' + f.replace('_', '-') for f in RESUME_MAY_CHANGE[1:])}.")
-    new = Args(**{**saved, **{f: getattr(args, f) for f in RESUME_MAY_CHANGE if f in explicit}})
-    new.resume, new.runs_dir, new.run_name = args.resume, os.path.dirname(run_dir) or ".", os.path.basename(run_dir)
-    if step >= new.epochs * new.steps_per_epoch:
-        raise DamoError(f"--resume {run_dir}: the run already finished at step {step}; pass a larger --epochs "
-                        f"(now {new.epochs}) to train it further")
-    return ck, new
-
-
-def explicit_flags(argv: list[str]) -> set:
-    """The Args fields named on the command line (--env-id x, --env-id=x, --no-cuda -> env_id, cuda)."""
-    names = set()
-    for a in argv:
-        if a.startswith("--"):
-            n = a[2:].split("=", 1)[0].replace("-", "_")
-            names.add(n[3:] if n.startswith("no_") and n[3:] in Args.__dataclass_fields__ else n)
-    return names & set(Args.__dataclass_fields__)
-
-
-def main(args: Args, explicit: Optional[set] = None) -> dict:
-    t_start = time.time()
-    timings = {"data_s": 0.0, "dynamics_s": 0.0, "rollout_s": 0.0, "update_s": 0.0, "eval_s": 0.0}
-    check_args(args)
-    ck = None
-    if args.resume:  # called from Python without `explicit`: every field that differs from the default counts
-        explicit = explicit if explicit is not None else {f for f in Args.__dataclass_fields__
-                                                          if getattr(args, f) != getattr(Args(), f)}
-        ck, args = load_resume(args, explicit)
-
-    # --- seeding (CleanRL block); a resumed run restores every RNG state just before its loop ---
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if device.type == "cpu" and args.threads > 0:
-        torch.set_num_threads(args.threads)
-    gen = torch.Generator().manual_seed(args.seed)
-
-    # --- 1. data ---
-    t0 = time.time()
-    if args.dataset_path:
-        data, info, env = load_d4rl_hdf5(args.dataset_path, args.env_id)
-    else:
-        data, info, env = load_dataset(args.env_id, download=args.download)
-    obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
-    eval_envs = make_eval_envs(env, args.eval_episodes)
-    family = info["env_family"]
-    term_fn = termination_fn_for(family, data) if not args.bc else never_terminates
-    # observation normalisation from D, applied to every network input and to the evaluation env
-    obs_mean = torch.as_tensor(data["observations"].mean(0), device=device)
-    obs_std = torch.as_tensor(data["observations"].std(0), device=device).clamp_min(1e-3)
-    D = {  # the offline data, on the device once; batches are index tensors into it
-        "obs": (torch.as_tensor(data["observations"], device=device) - obs_mean) / obs_std,
-        "act": torch.as_tensor(data["actions"], device=device),
-        "rew": torch.as_tensor(data["rewards"], device=device),
-        "next_obs": (torch.as_tensor(data["next_observations"], device=device) - obs_mean) / obs_std,
-        "done": torch.as_tensor(data["terminals"], device=device),
-    }
-    N = D["rew"].shape[0]
-    timings["data_s"] = time.time() - t0
-    if ck is not None and (ck["data"]["dataset_ids"] != info["dataset_ids"] or ck["data"]["n_transitions"] != N
-                           or not torch.allclose(ck["obs_mean"].to(obs_mean), obs_mean)):
-        raise DamoError(f"--resume {args.resume}: the run trained on {ck['data']['dataset_ids']} "
-                        f"({ck['data']['n_transitions']} transitions); the data found now is {info['dataset_ids']} "
-                        f"({N}). Point MINARI_DATASETS_PATH / --dataset-path at the run's data.")
-
-    # --- run folder and loggers ---
-    run_name = args.run_name or f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.runs_dir, run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    from torch.utils.tensorboard import SummaryWriter
-
-    start_step = 0 if ck is None else int(ck["global_step"])
-    # purge_step: TensorBoard drops events a killed run logged after its last checkpoint (no duplicates)
-    writer = SummaryWriter(run_dir, purge_step=start_step + 1 if ck is not None else None)
-    eval_path = os.path.join(run_dir, "eval.csv")
-    header = ["global_step", "epoch", "return_mean", "return_std", "normalized_score", "normalized_score_std",
-              "wall_time_s"]
-    if ck is None:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-        config = {"args": asdict(args), "data": info, "device": str(device), "versions": package_versions()}
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        rows = []
-    else:  # keep the evaluations up to the checkpoint; later ones are redone by this run
-        rows = []
-        if os.path.isfile(eval_path):
-            with open(eval_path, newline="") as f:
-                rows = [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= start_step]
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config={"args": asdict(args), "data": info}, name=run_name, save_code=True,
-                   id=run_name, resume="allow")
-    with open(eval_path + ".tmp", "w", newline="") as f:  # (re)written atomically, then appended row by row
-        csv.writer(f).writerows([header, *rows])
-    os.replace(eval_path + ".tmp", eval_path)
-    eval_file = open(eval_path, "a", newline="")
-    eval_csv = csv.writer(eval_file)
-    print(f"run {run_dir}: {info['dataset_ids']} ({N} transitions, {info['n_episodes']} episodes), "
-          f"eval env {info['eval_env_id']}, scores: {info['ref_source']}, device {device}"
-          + (f", resumed at step {start_step}" if ck is not None else ""), file=sys.stderr)
-
-    # --- networks ---
-    ag = make_agent(obs_dim, act_dim, args, device)
-    actor, dynamics, disc, critic = ag.actor, ag.dynamics, ag.disc, ag.critic
-    modules = {"actor": actor, "dynamics": dynamics, "discriminator": disc, "critic": critic,
-               "critic_target": ag.critic_target}
-    optims = {"actor": ag.actor_opt, "critic": ag.critic_opt, "discriminator": ag.disc_opt,
-              "alpha_ent": ag.alpha_ent_opt}
-    if not args.bc:
-        synthetic = SyntheticBuffer(args.rollout_batch_size * args.rollout_length * args.model_retain_rollouts,
-                                    obs_dim, act_dim, device)
-    scores, returns_hist, last_returns, rollout_info, dyn_info, resumed_at = [], [], None, {}, {}, []
-
-    def checkpoint(step: int):
-        """Everything needed to continue exactly: networks, optimisers, temperature, synthetic buffer,
-        RNG states, the step and the run's history (written atomically by save_atomic)."""
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
-        buffer = None
-        if not args.bc and args.checkpoint_buffer:
-            buffer = {"size": synthetic.size, "ptr": synthetic.ptr,
-                      "data": {k: v[: synthetic.size] for k, v in synthetic.data.items()}}
-        save_atomic({
-            "args": asdict(args), "data": info, "global_step": step, "obs_mean": obs_mean.cpu(), "obs_std": obs_std.cpu(),
-            **{k: m.state_dict() if m is not None else None for k, m in modules.items()},
-            "log_alpha_ent": ag.log_alpha_ent.detach().cpu() if critic is not None else None,
-            "optimizers": {k: o.state_dict() for k, o in optims.items() if o is not None},
-            "synthetic": buffer, "rng": rng,
-            "progress": {"scores": scores, "returns": returns_hist, "last_returns": last_returns,
-                         "rollout_info": {k: float(v) for k, v in rollout_info.items()}, "timings": timings,
-                         "elapsed_s": time.time() - t_start, "dynamics": dyn_info, "resumed_at": resumed_at},
-        }, os.path.join(run_dir, "checkpoint.pt"))
-
-    status = Progress()
-    # --- 2. dynamics ensemble on D (Eq. 9), a saved one, or the resumed run's ---
-    if ck is not None:
-        for k, m in modules.items():
-            if m is not None:
-                m.load_state_dict(ck[k])
-        for k, o in optims.items():
-            if o is not None:
-                o.load_state_dict(ck["optimizers"][k])
-        if critic is not None:
-            with torch.no_grad():
-                ag.log_alpha_ent.copy_(ck["log_alpha_ent"])
-        p = ck["progress"]
-        scores, returns_hist, last_returns, dyn_info = p["scores"], p["returns"], p["last_returns"], p["dynamics"]
-        rollout_info, timings, resumed_at = p["rollout_info"], p["timings"], p["resumed_at"] + [start_step]
-        t_start = time.time() - p["elapsed_s"]
-        if not args.bc and ck["synthetic"] is not None:
-            b = ck["synthetic"]
-            for k, v in b["data"].items():
-                synthetic.data[k][: b["size"]] = v.to(device)
-            synthetic.size, synthetic.ptr = b["size"], b["ptr"]
-        elif not args.bc:  # documented rebuild (--no-checkpoint-buffer): fresh rollouts of the current policy
-            for _ in range(args.model_retain_rollouts):
-                start = D["obs"][torch.randint(N, (args.rollout_batch_size,), device=device)]
-                synthetic.add(model_rollout(dynamics, actor, start, args.rollout_length, term_fn, obs_mean, obs_std))
-        status(f"resumed {run_dir} at step {start_step} (dynamics from the checkpoint, not retrained)", force=True)
-    elif not args.bc and args.dynamics_path:
-        dyn_info = load_dynamics(dynamics, args.dynamics_path, obs_mean, obs_std, info)
-        status(f"dynamics: loaded {args.dynamics_path}, elites {dyn_info['elites']}", force=True)
-    elif not args.bc:
-        t0 = time.time()
-        X = torch.cat([D["obs"], D["act"]], -1)  # [N, obs + act]
-        Y = torch.cat([D["next_obs"] - D["obs"], D["rew"][:, None]], -1)  # [N, obs + 1]: (s' - s, r)
-
-        def dyn_progress(epoch, best, nll):
-            status(f"dynamics epoch {epoch}: holdout mse best {best.min():.4f}..{best.max():.4f}, nll {nll:.3f}, "
-                   f"{time.time() - t0:.0f}s")
-
-        dyn_info = train_dynamics(dynamics, X, Y, args, gen, dyn_progress)
-        dyn_info["source"] = "trained"
-        timings["dynamics_s"] = time.time() - t0
-        status(f"dynamics: {dyn_info['dynamics_epochs']} epochs, elites {dyn_info['elites']}, holdout mse "
-               f"{np.mean(dyn_info['holdout_mse']):.4f}, {timings['dynamics_s']:.0f}s", force=True)
-        for k, v in enumerate(dyn_info["holdout_mse"]):
-            writer.add_scalar("diagnostics/dynamics_holdout_mse", v, k)
-        save_atomic({"dynamics": dynamics.state_dict(), "obs_mean": obs_mean.cpu(), "obs_std": obs_std.cpu(),
-                     "data": info, "info": dyn_info}, os.path.join(run_dir, "dynamics.pt"))
-    if ck is not None:  # last, so that the refill above does not shift the random streams
-        random.setstate(ck["rng"]["python"])
-        np.random.set_state(ck["rng"]["numpy"])
-        torch.set_rng_state(ck["rng"]["torch"])
-        if device.type == "cuda" and ck["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
-
-    # --- 3. the maximin loop ---
-    update = bc_update if args.bc else damo_update
-    total_steps = args.epochs * args.steps_per_epoch
-    info_log, global_step = {}, start_step
-    for global_step in range(start_step + 1, total_steps + 1):
-        t0 = time.time()
-        if not args.bc and (global_step - 1) % args.rollout_freq == 0:
-            start = D["obs"][torch.randint(N, (args.rollout_batch_size,), device=device)]
-            roll = model_rollout(dynamics, actor, start, args.rollout_length, term_fn, obs_mean, obs_std)
-            synthetic.add(roll)
-            timings["rollout_s"] += time.time() - t0
-            rollout_info = {"rollout_transitions": roll["rew"].shape[0], "rollout_reward": roll["rew"].mean(),
-                            "rollout_done_rate": roll["done"].mean()}
-            t0 = time.time()
-
-        info_log = update(ag, D, N, args) if args.bc else update(ag, D, N, synthetic, args)
-        timings["update_s"] += time.time() - t0
-
-        # --- logging: the only host syncs of the loop ---
-        if global_step % args.log_every == 0:
-            values = {k: float(v) for k, v in info_log.items()}
-            for k, v in values.items():
-                if not math.isfinite(v):
-                    eval_file.close()
-                    writer.close()
-                    raise DamoError(f"non-finite {k} = {v} at gradient step {global_step}; the run stopped "
-                                    f"(files so far are in {run_dir}). Try a smaller learning rate or alpha.")
-                writer.add_scalar(("losses/" if k.endswith(("loss", "_mse")) else "diagnostics/") + k, v, global_step)
-            for k, v in rollout_info.items():
-                writer.add_scalar(f"diagnostics/{k}", float(v), global_step)
-            sps = global_step / max(timings["update_s"] + timings["rollout_s"], 1e-9)
-            writer.add_scalar("charts/SPS", sps, global_step)
-
-        # --- evaluation closes each epoch ---
-        if global_step % args.steps_per_epoch == 0:
-            t0 = time.time()
-            epoch = global_step // args.steps_per_epoch
-            actor.eval()
-            rets = evaluate(actor, eval_envs, args.seed + 10_000, obs_mean, obs_std, device)
-            actor.train()
-            timings["eval_s"] += time.time() - t0
-            norm = normalized_score(rets, info)
-            scores.append(float(norm.mean()))
-            returns_hist.append(float(rets.mean()))
-            last_returns = rets.tolist()
-            eval_csv.writerow([global_step, epoch, f"{rets.mean():.4f}", f"{rets.std():.4f}", f"{norm.mean():.4f}",
-                               f"{norm.std():.4f}", f"{time.time() - t_start:.2f}"])
-            eval_file.flush()
-            writer.add_scalar("charts/return_mean", rets.mean(), global_step)
-            writer.add_scalar("charts/normalized_score", norm.mean(), global_step)
-            sps = global_step / max(timings["update_s"] + timings["rollout_s"], 1e-9)
-            status(f"epoch {epoch}/{args.epochs} step {global_step}: return {rets.mean():.1f} +- {rets.std():.1f}, "
-                   f"score {norm.mean():.1f}, {sps:.0f} steps/s", force=True)
-        elif global_step % 100 == 0:
-            sps = global_step / max(timings["update_s"] + timings["rollout_s"], 1e-9)
-            last = f"{scores[-1]:.1f}" if scores else "-"
-            status(f"step {global_step}/{total_steps}, {sps:.0f} steps/s, last score {last}")
-        if global_step % args.checkpoint_every == 0 or global_step == total_steps:
-            writer.flush()  # the TensorBoard events up to the checkpoint are on disk with it
-            checkpoint(global_step)
-
-    eval_file.close()
-    writer.close()
-    train_s = timings["update_s"] + timings["rollout_s"]
-    results = {
-        "env_id": args.env_id, "dataset_ids": info["dataset_ids"], "seed": args.seed,
-        "variant": "bc" if args.bc else f"damo(alpha={args.alpha},beta={args.beta},eta={args.bc_coef})",
-        "global_steps": global_step, "eval_episodes": args.eval_episodes,
-        "final_normalized_score": scores[-1] if scores else None,
-        "last10_normalized_score": float(np.mean(scores[-10:])) if scores else None,
-        "final_return_mean": returns_hist[-1] if returns_hist else None,
-        "last10_return_mean": float(np.mean(returns_hist[-10:])) if returns_hist else None,
-        "final_returns": last_returns,
-        "score_reference": info["ref_source"],
-        "gradient_steps_per_s": global_step / max(train_s, 1e-9),
-        "wall_time_s": {**timings, "total_s": time.time() - t_start},
-        "dynamics": dyn_info, "resumed_at_steps": resumed_at, "device": str(device), "versions": package_versions(),
-    }
-    with open(os.path.join(run_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    print(json.dumps({k: results[k] for k in ("final_normalized_score", "last10_normalized_score",
-                                              "final_return_mean", "gradient_steps_per_s")}))
-    return results
+    out = {"python": platform.python_version()}
+    for p in ("torch", "numpy", "gymnasium", "mujoco", "minari"):
+        try:
+            out[p] = md.version(p)
+        except md.PackageNotFoundError:
+            out[p] = None
+    return out
 
 
 if __name__ == "__main__":

@@ -167,7 +167,7 @@ def diagnose(run: str, out: str | None = None, n: int = 2000, episodes: int = 5,
 
     import damo
 
-    ck = torch.load(os.path.join(run, "checkpoint.pt"), map_location="cpu", weights_only=False)
+    ag, ck = damo.load_agent(run)
     a = damo.Args(**ck["args"])
     if ck["dynamics"] is None:
         raise damo.DamoError(f"{run} is a BC run: it has no dynamics model, critic or discriminator to diagnose")
@@ -177,15 +177,8 @@ def diagnose(run: str, out: str | None = None, n: int = 2000, episodes: int = 5,
     else:
         data, info, env = damo.load_dataset(a.env_id, download=False)
     mean, std = ck["obs_mean"], ck["obs_std"]
-    obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
-    actor = damo.Actor(obs_dim, act_dim, a.hidden)
-    actor.load_state_dict(ck["actor"])
-    dyn = damo.DynamicsEnsemble(obs_dim, act_dim, a.n_ensemble, a.dynamics_hidden, a.n_elites)
-    dyn.load_state_dict(ck["dynamics"])
-    disc = damo.Discriminator(obs_dim, act_dim, a.disc_hidden)
-    disc.load_state_dict(ck["discriminator"])
-    critic = damo.CriticEnsemble(obs_dim, act_dim, a.hidden, a.n_critics)
-    critic.load_state_dict(ck["critic"])
+    act_dim = data["actions"].shape[1]
+    actor, dyn, disc, critic = ag.actor, ag.dynamics, ag.disc, ag.critic
     norm = lambda x: (torch.as_tensor(x, dtype=torch.float32) - mean) / std  # noqa: E731
 
     rng = np.random.default_rng(seed)
@@ -297,7 +290,7 @@ def diagnose(run: str, out: str | None = None, n: int = 2000, episodes: int = 5,
     ax[3].bar(list(p), list(p.values()), color=["C0", "C1", "C2"])
     ax[3].set_ylim(0, 1)
     ax[3].set_title("discriminator: mean P(offline)")
-    fig.suptitle(f"{run}: {info['dataset_ids']}", fontsize=9)
+    fig.suptitle(f"{os.path.basename(os.path.normpath(run))}: {info['dataset_ids']}", fontsize=9)
     fig.tight_layout()
     for ext in (".png", ".pdf"):
         fig.savefig(out + ext, dpi=100)

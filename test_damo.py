@@ -360,9 +360,8 @@ def test_cli_end_to_end(minari_root, e2e_run, tmp_path):
     for k in ("actor", "dynamics", "discriminator", "critic", "critic_target"):
         assert all(torch.isfinite(v).all() for v in ck[k].values()), k
     # the checkpoint's actor reproduces the logged evaluation
-    actor = damo.Actor(11, 3, 256)
-    actor.load_state_dict(ck["actor"])
-    rets = damo.evaluate(actor, [gym.make("Hopper-v5") for _ in range(2)], 3 + 10_000, ck["obs_mean"], ck["obs_std"], "cpu")
+    ag, _ = damo.load_agent(str(run))
+    rets = damo.evaluate(ag.actor, [gym.make("Hopper-v5") for _ in range(2)], 3 + 10_000, ck["obs_mean"], ck["obs_std"], "cpu")
     assert rets.mean() == pytest.approx(float(rows[-1]["return_mean"]), rel=1e-3)
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(run))
     # the saved ensemble is reused by --dynamics-path: not retrained, and the run records its source
