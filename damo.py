@@ -3,33 +3,43 @@
 Paper: Chi Zhou, Wang Luo, Haoran Li, Congying Han, Tiande Guo, Zicheng Zhang,
 "Dual Alignment Maximin Optimization for Offline Model-based RL", arXiv 2502.00850.
 
-What DAMO does. Offline model-based RL trains a policy on short rollouts of a learned dynamics
+What DAMO does [paper]. Offline model-based RL trains a policy on short rollouts of a learned dynamics
 model M^ branched from an offline dataset D. DAMO asks that the learned policy, acting in M^, behave
-like the behaviour policy acting in the real environment. It is an actor-critic *maximin*: the inner
-minimisation over the critic is a "dual conservative value estimation" that aligns policies (Q is
-pushed down on the policy's actions and up on the data's actions) and trajectories (a classifier
-between offline and synthetic transitions corrects the synthetic reward); the outer maximisation over
-the policy ascends exactly the value the critic estimates.
+like the behaviour policy acting in the real environment. It is an actor-critic maximin: the inner
+minimisation over the critic is a "dual conservative value estimation" that aligns policies and
+trajectories (a classifier aligns synthetic with offline data); the outer maximisation over the
+policy keeps policy improvement consistent with the inner value estimates; the maximin objective
+lower-bounds the standard RL objective, the mismatch being measured with an f-divergence.
 
-The paper's full text, equations and code are not public; this file implements a derivation that is
-consistent with everything the paper states (abstract, figure captions) and says where it is ours.
-README.md "Reading guide" numbers the equations (Eq. 1 ... Eq. 10); the code is tagged with them.
-[paper] marks what the paper states, [ours] what is this project's reconstruction or choice.
+What this file implements [ours]. The paper's full text, equations and code are not public; this is a
+derivation consistent with everything the paper states. The equation numbers are this project's
+(docs/derivation.md derives them; the code is tagged with them). With d^pi_M^ the occupancy of pi in
+M^, d^D that of the data and d^S that of the synthetic buffer S:
+
+    Eq. 1   J_alpha(pi) = E_{d^pi_M^}[ r ] - alpha * D_KL( d^pi_M^(s,a,s') || d^D(s,a,s') )  <=  J_M^(pi)
+    Eq. 2   D_KL(d^pi_M^ || d^D) = D_KL(d^pi_M^ || d^S) + E_{d^pi_M^}[ log d^S / d^D ]
+
+The second part of Eq. 2 is a reward penalty that a classifier D_w(s,a,s') estimates (Eqs. 3-4, data
+alignment, "er"); the first is replaced by its dual with the critic as the multiplier, which pushes Q
+down on the policy's actions and up on the data's (Eqs. 5-6, behaviour alignment, "ir"); the actor
+ascends that critic (Eq. 7), with a behaviour-cloning surrogate for the policy part of the divergence
+(Eq. 7b). [paper] marks what the paper states, [ours] this project's reconstruction or choice.
 
 Usage:
     python damo.py --env-id hopper-medium-expert --seed 0
     python damo.py --help
 
 Map of the file (top to bottom, in the order of the algorithm):
-    1. Args                          every flag, its symbol and where its default comes from
-    2. Data                          Minari loading, medium-expert, normalisation, D4RL scores
-    3. Networks                      EnsembleLinear, dynamics ensemble, termination functions,
-                                     discriminator, critic ensemble, actor
-    4. Losses                        dynamics_loss (Eq. 9), discriminator_loss (Eq. 3),
-                                     critic_loss (Eqs. 4-6), actor_loss (Eq. 7), alpha_loss (Eq. 8)
-    5. Dynamics training, model rollouts, evaluation
-    6. main(): train dynamics -> loop { rollout, discriminator, critic, actor, temperature,
-                                        target update, log, evaluate, checkpoint }; --resume
+    1. Args        every flag, its symbol, equation and where its default comes from
+    2. Data        Minari datasets -> flat arrays, normalised scores (Eq. 10), batches, the buffer S
+    3. Networks    EnsembleLinear, dynamics ensemble, termination functions, classifier, critics, actor
+    4. Losses      dynamics_loss (Eq. 9), discriminator_loss (Eq. 3), corrected_reward (Eq. 4),
+                   critic_loss (Eqs. 5-6), actor_loss (Eqs. 7, 7b), alpha_loss (Eq. 8)
+    5. damo_update one gradient step: classifier -> r~ -> critics -> actor -> temperature -> targets
+    6. train_dynamics, model_rollout, evaluate
+    7. Algorithm 1 prepare_data -> fit_dynamics -> train (the loop) -> main
+    Appendix       plumbing, not part of DAMO: flag checks, Minari/D4RL loading, the run folder,
+                   checkpoints and --resume, --eval-only, --benchmark
 """
 
 from __future__ import annotations
@@ -63,122 +73,81 @@ import torch.nn.functional as F
 
 @dataclass
 class Args:
-    # --- experiment ---
-    exp_name: str = "damo"
-    """name of this experiment (part of the run folder's name)"""
+    # --- what to run ---
     env_id: str = "hopper-medium-expert"
-    """dataset: a short id {hopper,halfcheetah,walker2d}-{simple,medium,expert,medium-expert} or a full Minari id (mujoco/hopper/medium-v0)"""
+    """dataset: {hopper,halfcheetah,walker2d}-{simple,medium,expert,medium-expert,medium-replay} or a full Minari id"""
     seed: int = 0
-    """seed of python, numpy and torch (evaluation episodes use seed + 10_000 + k)"""
-    torch_deterministic: bool = True
-    """set torch.backends.cudnn.deterministic (CPU runs are reproducible for a fixed seed and thread count either way)"""
-    cuda: bool = True
-    """use CUDA when it is available"""
-    threads: int = 1
-    """CPU threads for torch (default 1: on a 2-core machine two 1-thread runs side by side each ran nearly as fast as one 2-thread run alone; README "Speed")"""
+    """seed of python, numpy and torch; evaluation episode k is reset with seed + 10_000 + k"""
     bc: bool = False
-    """behaviour-cloning baseline: train only the actor's mean action on the offline data (no model, no critic)"""
-    eval_only: Optional[str] = None
-    """evaluate a run's checkpoint (a run folder or checkpoint.pt) for --eval-episodes episodes in its real env, print, exit"""
-    benchmark: bool = False
-    """time every phase on random data of the env's real shapes (no dataset needed), print a table and JSON, exit"""
-    benchmark_repeats: int = 5
-    """--benchmark: repeats per figure (the median is reported, after one warm-up)"""
-    compile: bool = False
-    """torch.compile the update's loss functions (off by default: on the 2-core CPU it measured slower, 27 vs 32 steps/s; README "Speed")"""
-    resume: Optional[str] = None
-    """continue a killed (or finished) run from RUN/checkpoint.pt: its settings are kept, only --epochs (to extend it), --threads, --cuda, --log-every, --checkpoint-every and --track may change"""
-    checkpoint_every: int = 10_000
-    """gradient steps between full checkpoints (networks, optimisers, temperature, RNG states, synthetic buffer), each written atomically; one is also written at the end"""
-    checkpoint_buffer: bool = True
-    """store the synthetic buffer in the checkpoint (about 140 MB at the defaults) so that --resume continues exactly; without it a resume refills the buffer with --model-retain-rollouts fresh rollouts"""
-    capture_video: bool = False
-    """--eval-only: also write an MP4 of the first evaluation episode to videos/ beside the checkpoint (needs MuJoCo offscreen rendering: MUJOCO_GL=egl or osmesa)"""
-
-    # --- logging ---
-    runs_dir: str = "runs"
-    """folder that holds one sub-folder per run"""
-    run_name: Optional[str] = None
-    """run folder name (default: {env_id}__{exp_name}__{seed}__{unix time})"""
-    track: bool = False
-    """log to Weights & Biases as well (needs `pip install wandb` and a login)"""
-    wandb_project_name: str = "damo"
-    """W&B project (with --track)"""
-    wandb_entity: Optional[str] = None
-    """W&B entity (with --track)"""
-    log_every: int = 1000
-    """gradient steps between scalar logs; losses are checked for NaN/inf at these steps only (no host syncs otherwise)"""
+    """behaviour-cloning baseline: the actor's mean action fitted to the offline actions (no model, no critic)"""
 
     # --- data ---
+    dataset_path: Optional[str] = None
+    """a D4RL -v2 hdf5 file instead of a Minari dataset (evaluated in the Gymnasium v5 env; README "Data")"""
     download: bool = True
     """download a missing Minari dataset (needs network and minari[hf]); --no-download fails at once instead"""
-    dataset_path: Optional[str] = None
-    """a D4RL hdf5 file (e.g. hopper_medium_expert-v2.hdf5) instead of a Minari dataset: evaluated in the matching Gymnasium v5 env with D4RL's reference returns (README "D4RL files")"""
 
-    # --- dynamics ensemble (MOPO/MOBILE conventions) ---
+    # --- dynamics ensemble M^ (Eq. 9) ---
     dynamics_path: Optional[str] = None
     """reuse a trained ensemble (a run's dynamics.pt or checkpoint.pt, same dataset) instead of training one"""
     n_ensemble: int = 7
-    """ensemble members N (MOPO/MOBILE default)"""
+    """N, ensemble members (MOPO/MOBILE default)"""
     n_elites: int = 5
     """elite members used in rollouts, lowest holdout error (MOPO/MOBILE default)"""
     dynamics_hidden: int = 200
-    """hidden width of each member, 4 layers, Swish (MOPO/MOBILE default)"""
+    """hidden width of each member, 4 Swish layers (MOPO/MOBILE default)"""
     dynamics_lr: float = 1e-3
     """Adam learning rate of the ensemble (MOPO/MOBILE default)"""
     dynamics_batch_size: int = 256
     """batch per member (MOPO/MOBILE default)"""
     dynamics_max_epochs: Optional[int] = None
-    """cap on dynamics epochs (default: none, early stopping only, as MOPO)"""
+    """cap on dynamics epochs (default: early stopping only, as MOPO)"""
     dynamics_patience: int = 5
-    """stop after this many epochs with no member improving its holdout error by > 1% (MOPO/MOBILE default)"""
+    """stop after this many epochs without a > 1% holdout improvement of any member (MOPO/MOBILE default)"""
     dynamics_holdout: int = 1000
-    """holdout transitions, at most 20% of the data (MOPO/MOBILE default: min(20%, 1000))"""
+    """holdout transitions, at most 20% of the data (MOPO/MOBILE default)"""
 
-    # --- model rollouts ---
+    # --- model rollouts into the synthetic buffer S ---
     rollout_freq: int = 1000
     """gradient steps between model rollouts (MOPO/MOBILE default)"""
     rollout_batch_size: int = 50_000
-    """start states per rollout, drawn from the offline data (MOPO/MOBILE default)"""
+    """start states per rollout, drawn from D (MOPO/MOBILE default)"""
     rollout_length: int = 5
-    """rollout horizon h (MOPO/MOBILE default for hopper)"""
+    """h, rollout horizon (MOPO/MOBILE default for hopper and halfcheetah)"""
     model_retain_rollouts: int = 5
-    """the synthetic buffer keeps the transitions of this many rollouts, FIFO (MOPO/MOBILE default)"""
+    """S keeps the transitions of this many rollouts, FIFO (MOPO/MOBILE default)"""
     real_ratio: float = 0.5
-    """fraction of offline rows in a training batch (COMBO's 0.5, which also has a conservative critic; MOPO/MOBILE's 0.05 was lower here, 35.8 vs 39.1 last-10 over 3 seeds, README "Choosing the defaults")"""
+    """share of offline rows in a training batch B (COMBO's 0.5; ours, docs/evidence.md)"""
 
-    # --- discriminator: data alignment, "er" ---
+    # --- data alignment "er": classifier and corrected reward (Eqs. 3-4) ---
     beta: float = 0.1
-    """beta, weight of the data-alignment reward correction r~ = r + beta * clip(logit D) (Eq. 4; 0 = the paper's "w/o er"); our choice, from a first prototype of this derivation; beta 0 was lower on last-10 at tau 0.005 (34.8 vs 39.1) and level at tau 0.02 (43.9 vs 43.1): kept because "er" is half of the method (README "Evidence")"""
+    """beta, weight of the reward correction r~ = r + beta * clip(logit D) (Eq. 4; 0 = "w/o er"; ours, docs/evidence.md)"""
     logit_clip: float = 5.0
-    """c, the discriminator logit is clipped to [-c, c] in Eq. 4 (our choice)"""
+    """c, the classifier's logit is clipped to [-c, c] in Eq. 4 (ours)"""
     disc_hidden: int = 256
-    """discriminator MLP width, 2 hidden layers (our choice)"""
+    """classifier MLP width, 2 hidden layers (ours)"""
     disc_lr: float = 3e-4
-    """discriminator Adam learning rate (our choice)"""
+    """classifier Adam learning rate (ours)"""
 
-    # --- critics and actor: behaviour alignment, "ir" ---
+    # --- behaviour alignment "ir": critics and actor (Eqs. 5-8) ---
     alpha: float = 5.0
-    """alpha, weight of the conservative behaviour-alignment term (Eq. 5; 0 = the paper's "w/o ir"); our choice, kept after 2-3 seed comparisons with alpha 1 and 10 at the CPU budget: neither better beyond the seed spread, alpha 5 the steadiest (README "Choosing the defaults")"""
+    """alpha, weight of the conservative term (Eq. 5) and of Eq. 7b; 0 = "w/o ir" (ours, docs/evidence.md)"""
     bc_coef: float = 0.2
-    """eta: policy-side part of the behaviour divergence in the actor, weight alpha * eta on ||mu(s) - a||^2 (Eq. 7b, ours; alpha * eta = 1 at the defaults: at tau 0.005, 0 swung more and 0.125 was worse; at tau 0.02, 0.5 and 0.2 widened the spread without a higher mean; README "Choosing the defaults")"""
+    """eta, the actor's behaviour term has weight alpha * eta (Eq. 7b; 0 = Eq. 7 alone; ours, docs/evidence.md)"""
     gamma: float = 0.99
     """discount (MOPO/MOBILE default)"""
     backup_entropy: bool = True
-    """include -alpha_ent * log pi(a'|s') in the critic's target (SAC's soft value, Eq. 6); off: Q estimates the plain return (CQL's backup_entropy=False)"""
+    """-alpha_ent * log pi(a'|s') in the TD target (Eq. 6, SAC's soft value); off: Q estimates the plain return"""
     tau: float = 0.02
-    """Polyak rate of the target critics; our choice, 4x SAC's 0.005: the value of a fall reaches the states
-    ~100 steps before it through as many bootstraps, each slowed by the target's averaging; at the CPU budget
-    0.005 left Q(s0) 75% below the Monte-Carlo return (0.02: 47%) and scored lower (last-10 39.1, 3 seeds,
-    vs 43.1, 7 seeds; 0.05: 44.7, 3 seeds; README "Choosing the defaults")"""
+    """Polyak rate of the target critics (ours, 4x SAC's 0.005; docs/evidence.md)"""
     batch_size: int = 256
-    """training batch B (SAC default)"""
+    """B, training batch (SAC default)"""
     actor_lr: float = 1e-4
     """actor Adam learning rate (MOBILE default)"""
     critic_lr: float = 3e-4
     """critic Adam learning rate (MOBILE default)"""
     alpha_ent_lr: float = 1e-4
-    """learning rate of the entropy temperature (MOBILE default)"""
+    """learning rate of the entropy temperature alpha_ent (Eq. 8; MOBILE default)"""
     n_critics: int = 2
     """critics in the ensemble; the target takes their minimum (SAC default)"""
     hidden: int = 256
@@ -186,11 +155,49 @@ class Args:
 
     # --- training length and evaluation ---
     epochs: int = 3000
-    """epochs E; an evaluation closes each epoch (MOPO/MOBILE default: 3000 x 1000 = 3M steps)"""
+    """E, epochs; an evaluation closes each epoch (MOPO/MOBILE: 3000 x 1000 = 3M steps)"""
     steps_per_epoch: int = 1000
     """gradient steps per epoch (MOPO/MOBILE default)"""
     eval_episodes: int = 10
-    """deterministic evaluation episodes per epoch (D4RL convention)"""
+    """deterministic evaluation episodes per epoch, stepped together (D4RL convention)"""
+
+    # --- run, logging and infrastructure (not part of the method) ---
+    exp_name: str = "damo"
+    """name of this experiment (part of the run folder's name)"""
+    runs_dir: str = "runs"
+    """folder that holds one sub-folder per run"""
+    run_name: Optional[str] = None
+    """run folder name (default: {env_id}__{exp_name}__{seed}__{unix time})"""
+    log_every: int = 1000
+    """gradient steps between scalar logs; losses are checked for NaN/inf at these steps only"""
+    track: bool = False
+    """log to Weights & Biases as well (needs `pip install wandb` and a login)"""
+    wandb_project_name: str = "damo"
+    """W&B project (with --track)"""
+    wandb_entity: Optional[str] = None
+    """W&B entity (with --track)"""
+    checkpoint_every: int = 10_000
+    """gradient steps between full checkpoints (written atomically; one more at the end)"""
+    checkpoint_buffer: bool = True
+    """store the synthetic buffer in checkpoints (exact --resume); off: a resume refills it with fresh rollouts"""
+    resume: Optional[str] = None
+    """continue a killed or finished run from RUN/checkpoint.pt with its own settings (--epochs may grow)"""
+    eval_only: Optional[str] = None
+    """evaluate a run's checkpoint (folder or checkpoint.pt) for --eval-episodes episodes, print, exit"""
+    capture_video: bool = False
+    """with --eval-only: MP4 of the first episode in videos/ beside the checkpoint (needs MUJOCO_GL=egl or osmesa)"""
+    benchmark: bool = False
+    """time every phase on random data of the env's shapes (no dataset needed), print a table and JSON, exit"""
+    benchmark_repeats: int = 5
+    """--benchmark: repeats per figure (the median is reported, after one warm-up)"""
+    compile: bool = False
+    """torch.compile the update's loss functions (off: slower on a 2-core CPU; docs/speed.md)"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+    torch_deterministic: bool = True
+    """set torch.backends.cudnn.deterministic (CPU runs are reproducible for a fixed seed and thread count)"""
+    threads: int = 1
+    """CPU threads for torch (1: several 1-thread runs side by side use the cores best; docs/speed.md)"""
 
 
 # ====================================================================================================
