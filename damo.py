@@ -159,7 +159,9 @@ class Args:
     steps_per_epoch: int = 1000
     """gradient steps per epoch (MOPO/MOBILE default)"""
     eval_episodes: int = 10
-    """deterministic evaluation episodes per epoch, stepped together (D4RL convention)"""
+    """deterministic evaluation episodes per evaluation, stepped together (D4RL convention)"""
+    eval_every: int = 1
+    """epochs between evaluations (1: every epoch, the protocol's curve and last-10; the last epoch is always evaluated)"""
 
     # --- run, logging and infrastructure (not part of the method) ---
     exp_name: str = "damo"
@@ -906,7 +908,8 @@ def train(args: Args, ag: Agent, data: Data, synthetic: Optional[SyntheticBuffer
         # ----------------------- TRY NOT TO MODIFY: logging, evaluation, checkpoints -----------------------
         if global_step % args.log_every == 0:  # the only host syncs of the loop
             log.scalars(global_step, {**info, **hist.rollout_info}, hist.sps(global_step))
-        if global_step % args.steps_per_epoch == 0:
+        epoch, end_of_epoch = divmod(global_step, args.steps_per_epoch)
+        if end_of_epoch == 0 and (epoch % args.eval_every == 0 or global_step == total_steps):
             t0 = time.time()
             ag.actor.eval()
             rets = evaluate(ag.actor, data.eval_envs, args.seed + 10_000, data.obs_mean, data.obs_std, device)
@@ -916,7 +919,6 @@ def train(args: Args, ag: Agent, data: Data, synthetic: Optional[SyntheticBuffer
             hist.scores.append(float(norm.mean()))
             hist.returns.append(float(rets.mean()))
             hist.last_returns = rets.tolist()
-            epoch = global_step // args.steps_per_epoch
             log.evaluation(global_step, epoch, rets, norm, time.time() - hist.t_start)
             status(f"epoch {epoch}/{args.epochs} step {global_step}: return {rets.mean():.1f} +- {rets.std():.1f}, "
                    f"score {norm.mean():.1f}, {hist.sps(global_step):.0f} steps/s", force=True)
@@ -996,6 +998,7 @@ FLAG_RANGES = {
     "batch_size": (2, None, True), "actor_lr": (0, None, False), "critic_lr": (0, None, False),
     "alpha_ent_lr": (0, None, False), "n_critics": (1, None, True), "hidden": (1, None, True),
     "epochs": (1, None, True), "steps_per_epoch": (1, None, True), "eval_episodes": (1, None, True),
+    "eval_every": (1, None, True),
 }
 
 
@@ -1549,7 +1552,8 @@ def benchmark(args: Args) -> dict:
     steps = args.epochs * args.steps_per_epoch
     res["projected_full_run_h"] = (steps / res["damo_update_steps_per_s"]
                                    + steps / args.rollout_freq * res["rollout_50k_x5_s"] * args.rollout_batch_size / 50_000
-                                   + args.epochs * res["eval_10_episodes_s"] * args.eval_episodes / 10) / 3600
+                                   + math.ceil(args.epochs / args.eval_every) * res["eval_10_episodes_s"]
+                                   * args.eval_episodes / 10) / 3600
     return res
 
 

@@ -1,9 +1,6 @@
-"""Tests for damo.py. Run: pytest -q test_damo.py
-
-No network and nothing outside this folder is needed: a real Minari dataset is built in the test
-session by rolling the carried Hopper-v5 behaviour policies (assets/policies/) in the real MuJoCo
-env and writing the episodes with Minari's own API, under a temporary MINARI_DATASETS_PATH.
-"""
+"""Tests for damo.py, in the file's order (data, networks, losses, update, rollouts and evaluation, the
+CLI, plot.py, long runs). Run: pytest -q test_damo.py (all), pytest -q -m "not slow" test_damo.py (quick).
+Fixtures and helpers (minari_root, e2e_run, run_cli, flags) are in conftest.py."""
 
 from __future__ import annotations
 
@@ -23,48 +20,10 @@ import pytest
 import torch
 
 import damo
-import make_dataset
 
-HERE = Path(__file__).resolve().parent
-POLICIES = HERE / "assets" / "policies"
-# Any download attempt goes to a closed local port: the tests behave the same with or without network.
-OFFLINE_ENV = {"HF_ENDPOINT": "http://127.0.0.1:9", "MINARI_REMOTE": "hf://farama-minari"}
+from conftest import HERE, OFFLINE_ENV, build, flags, run_cli
 
-
-def build(dataset_id: str, policy: str, steps: int, seed: int):
-    return make_dataset.make_dataset(make_dataset.Args(policy=str(POLICIES / policy), dataset_id=dataset_id,
-                                                       steps=steps, seed=seed))
-
-
-@pytest.fixture(scope="session")
-def minari_root(tmp_path_factory):
-    """mujoco/hopper/{medium,expert}-v0 made locally from the real Hopper-v5 behaviour policies."""
-    root = tmp_path_factory.mktemp("minari")
-    old = {k: os.environ.get(k) for k in ("MINARI_DATASETS_PATH", *OFFLINE_ENV)}
-    os.environ.update({"MINARI_DATASETS_PATH": str(root), **OFFLINE_ENV})
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        build("mujoco/hopper/medium-v0", "hopper-medium.npz", 8000, 0)
-        build("mujoco/hopper/expert-v0", "hopper-expert.npz", 4000, 1)
-    yield root
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-def run_cli(args: list[str], root, timeout=600):
-    env = {**os.environ, "MINARI_DATASETS_PATH": str(root), **OFFLINE_ENV, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, str(HERE / "damo.py"), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=HERE)
-
-
-TINY = ["--epochs", "2", "--steps-per-epoch", "100", "--log-every", "50", "--rollout-freq", "50",
-        "--rollout-batch-size", "500", "--rollout-length", "3", "--dynamics-max-epochs", "2",
-        "--eval-episodes", "2", "--threads", "1"]
+TINY = flags()  # the tiny run's flags (conftest.TINY) as a CLI list
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,6 +84,7 @@ def test_logvar_stays_within_bounds():
     assert logvar.max() > 0.49 and logvar.min() < -9.9  # the inputs did reach both bounds
 
 
+@pytest.mark.slow
 def test_dynamics_learns_real_hopper_transitions(minari_root):
     data, info, _ = damo.load_dataset("mujoco/hopper/medium-v0", download=False)
     torch.manual_seed(0)
@@ -326,17 +286,7 @@ def test_model_rollout_uses_elites_and_stops_terminated_branches():
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def e2e_run(minari_root, tmp_path_factory):
-    """One tiny DAMO run through the CLI, shared by the tests that read its files."""
-    runs = tmp_path_factory.mktemp("runs")
-    p = run_cli(["--env-id", "hopper-medium-expert", "--seed", "3", "--runs-dir", str(runs), "--run-name", "e2e",
-                 "--no-download", *TINY], minari_root)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return runs / "e2e"
-
-
-def test_cli_end_to_end(minari_root, e2e_run, tmp_path):
+def test_cli_end_to_end_files_and_numbers(e2e_run):
     run = e2e_run
     rows = list(csv.DictReader(open(run / "eval.csv")))
     assert [int(r["global_step"]) for r in rows] == [100, 200] and [int(r["epoch"]) for r in rows] == [1, 2]
@@ -359,12 +309,21 @@ def test_cli_end_to_end(minari_root, e2e_run, tmp_path):
     assert ck["obs_mean"].shape == (11,) and torch.isfinite(ck["obs_std"]).all() and (ck["obs_std"] > 0).all()
     for k in ("actor", "dynamics", "discriminator", "critic", "critic_target"):
         assert all(torch.isfinite(v).all() for v in ck[k].values()), k
-    # the checkpoint's actor reproduces the logged evaluation
-    ag, _ = damo.load_agent(str(run))
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(run))
+
+
+def test_checkpoint_reproduces_logged_evaluation(e2e_run):
+    run = e2e_run
+    rows = list(csv.DictReader(open(run / "eval.csv")))
+    ag, ck = damo.load_agent(str(run))
+    assert ck["global_step"] == 200 and ag.critic is not None and ag.dynamics is not None
     rets = damo.evaluate(ag.actor, [gym.make("Hopper-v5") for _ in range(2)], 3 + 10_000, ck["obs_mean"], ck["obs_std"], "cpu")
     assert rets.mean() == pytest.approx(float(rows[-1]["return_mean"]), rel=1e-3)
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(run))
-    # the saved ensemble is reused by --dynamics-path: not retrained, and the run records its source
+
+
+def test_dynamics_path_reuses_the_saved_ensemble(minari_root, e2e_run, tmp_path):
+    """--dynamics-path: not retrained, and the run records its source."""
+    run = e2e_run
     p = run_cli(["--env-id", "hopper-medium-expert", "--runs-dir", str(tmp_path), "--run-name", "reuse", "--no-download",
                  *TINY, "--epochs", "1", "--dynamics-path", str(run / "dynamics.pt")], minari_root)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -387,6 +346,16 @@ def test_cli_bc_and_ablation_flags(minari_root, tmp_path):
     assert len(rows) == 2 and all(math.isfinite(float(r["normalized_score"])) for r in rows)
 
 
+def test_eval_every_evaluates_every_kth_epoch_and_the_last(minari_root, tmp_path):
+    p = run_cli(["--env-id", "mujoco/hopper/medium-v0", "--bc", "--runs-dir", str(tmp_path), "--run-name", "k",
+                 "--no-download", *flags(epochs=5, eval_every=2)], minari_root)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "k" / "eval.csv")))
+    assert [int(r["epoch"]) for r in rows] == [2, 4, 5]
+    res = json.load(open(tmp_path / "k" / "results.json"))
+    assert res["final_normalized_score"] == pytest.approx(float(rows[-1]["normalized_score"]), abs=1e-3)
+
+
 def test_cli_unknown_env_id(tmp_path):
     p = run_cli(["--env-id", "hopper-medium-replayy", "--runs-dir", str(tmp_path)], tmp_path)
     assert p.returncode == 2
@@ -402,14 +371,37 @@ BAD_FLAGS = [("--rollout-length", "0"), ("--batch-size", "0"), ("--n-elites", "9
 
 def test_cli_bad_flag_values_exit_2_before_any_work(tmp_path):
     """Each value that cannot work: exit 2, one `error:` line naming the flag and value, no traceback, no
-    run folder. In one process per value, as a user meets them (the data need not exist: checked first)."""
-    for flag, value in BAD_FLAGS:
-        p = run_cli([flag, value, "--runs-dir", str(tmp_path / "runs")], tmp_path)
-        assert p.returncode == 2, (flag, value, p.stderr[-500:])
-        assert "Traceback" not in p.stderr, (flag, p.stderr[-500:])
-        line = next(l for l in p.stderr.splitlines() if l.startswith("error:"))
+    run folder. damo.py's __main__ block runs once per value (runpy, in one child process so that the
+    imports are paid once); an exception other than SystemExit would escape as a traceback."""
+    code = f"""
+import contextlib, io, json, runpy, sys
+out = []
+for flag, value in {BAD_FLAGS!r}:
+    sys.argv = ["damo.py", flag, value, "--runs-dir", {str(tmp_path / "runs")!r}]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path("damo.py", run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    out.append([flag, value, code, err.getvalue()])
+print(json.dumps(out))
+"""
+    p = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **OFFLINE_ENV, "MINARI_DATASETS_PATH": str(tmp_path)})
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = json.loads(p.stdout.splitlines()[-1])
+    assert len(results) == len(BAD_FLAGS)
+    for flag, value, code, err in results:
+        assert code == 2, (flag, value, err[-500:])
+        assert "Traceback" not in err, (flag, err[-500:])
+        line = next(l for l in err.splitlines() if l.startswith("error:"))
         assert flag in line and value in line and "allowed" in line, (flag, line)
     assert not (tmp_path / "runs").exists()
+    # and once as a user meets it, in a process of its own
+    p = run_cli(["--batch-size", "0", "--runs-dir", str(tmp_path / "runs")], tmp_path)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "error: --batch-size 0" in p.stderr
 
 
 def test_check_args_accepts_the_defaults_and_edges():
@@ -445,7 +437,7 @@ def test_cli_non_finite_loss_stops_and_keeps_files(minari_root, tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("env_id", ["Hopper-v5", "HalfCheetah-v5"])
+@pytest.mark.parametrize("env_id", ["Hopper-v5", pytest.param("HalfCheetah-v5", marks=pytest.mark.slow)])
 def test_batched_evaluation_equals_sequential(env_id):
     """The lockstep evaluation gives every episode the return it has when run alone (same seed), also
     when episodes end at different steps (Hopper falls), for an untrained and a perturbed actor."""
@@ -469,6 +461,7 @@ def test_sample_rows_keeps_rows_aligned():
     assert torch.equal(rows["b"], 2 * rows["a"]) and torch.equal(rows["c"][:, 2], rows["a"])
 
 
+@pytest.mark.slow
 def test_damo_learns_hopper_from_medium_data(tmp_path, monkeypatch):
     """The derivation's own maximin (Eqs. 4-8: conservative critic, soft actor, no policy-side behaviour
     term: --bc-coef 0), with a faster actor (lr 3e-4) and 64-wide networks to fit ~2-3 minutes on 2 cores,
@@ -589,6 +582,7 @@ def test_plot_data_per_source_table(minari_root):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_benchmark_mode_writes_valid_json(tmp_path):
     p = run_cli(["--benchmark", "--benchmark-repeats", "1", "--hidden", "32", "--dynamics-hidden", "32",
                  "--disc-hidden", "32", "--eval-episodes", "1", "--runs-dir", str(tmp_path), "--no-cuda"], tmp_path)
@@ -662,6 +656,7 @@ def tb_steps(run, tag):
     return [e.step for e in ea.Scalars(tag)]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(minari_root, e2e_run, uninterrupted, tmp_path):
     env = {**os.environ, "MINARI_DATASETS_PATH": str(minari_root), **OFFLINE_ENV, "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, str(HERE / "damo.py"), *RESUMABLE, "--dynamics-path", str(e2e_run / "dynamics.pt"),
@@ -798,6 +793,7 @@ def rendering_works() -> bool:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=120).returncode == 0
 
 
+@pytest.mark.slow
 def test_eval_only_capture_video(minari_root, e2e_run, tmp_path):
     run = copy_run(e2e_run, tmp_path / "video")
     p = run_cli(["--eval-only", str(run), "--eval-episodes", "2", "--seed", "3", "--capture-video"], minari_root)
@@ -818,6 +814,7 @@ def test_eval_only_capture_video(minari_root, e2e_run, tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_compiled_losses_equal_plain():
     """Three DAMO updates with torch.compile'd losses give the plain path's losses and weights."""
     import torch._inductor.config as inductor_config

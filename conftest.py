@@ -1,0 +1,87 @@
+"""Shared fixtures and helpers of test_damo.py.
+
+No network and nothing outside this folder is needed: a real Minari dataset is built in the test
+session by rolling the carried Hopper-v5 behaviour policies (assets/policies/) in the real MuJoCo
+env and writing the episodes with Minari's own API, under a temporary MINARI_DATASETS_PATH.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import make_dataset
+
+HERE = Path(__file__).resolve().parent
+POLICIES = HERE / "assets" / "policies"
+# Any download attempt goes to a closed local port: the tests behave the same with or without network.
+OFFLINE_ENV = {"HF_ENDPOINT": "http://127.0.0.1:9", "MINARI_REMOTE": "hf://farama-minari"}
+
+# A tiny DAMO run: 2 epochs of 100 steps, small rollouts, a 2-epoch ensemble, 2 evaluation episodes.
+TINY = {"epochs": 2, "steps_per_epoch": 100, "log_every": 50, "rollout_freq": 50, "rollout_batch_size": 500,
+        "rollout_length": 3, "dynamics_max_epochs": 2, "eval_episodes": 2, "threads": 1}
+
+
+def flags(base: dict | None = None, **overrides) -> list[str]:
+    """CLI flags from keyword arguments: flags(epochs=1, bc=True, cuda=False) -> --epochs 1 --bc --no-cuda.
+    `base` (default TINY) is overridden by the keywords; a value None drops the flag."""
+    out = []
+    for k, v in {**(TINY if base is None else base), **overrides}.items():
+        name = "--" + k.replace("_", "-")
+        if v is None:
+            continue
+        if isinstance(v, bool):
+            out.append(name if v else "--no-" + k.replace("_", "-"))
+        else:
+            out += [name, str(v)]
+    return out
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes a minute or more (learning, SIGKILL resume, compile, video); "
+                                       "deselect with -m 'not slow'")
+
+
+def build(dataset_id: str, policy: str, steps: int, seed: int, **kw):
+    return make_dataset.make_dataset(make_dataset.Args(policy=str(POLICIES / policy), dataset_id=dataset_id,
+                                                       steps=steps, seed=seed, **kw))
+
+
+@pytest.fixture(scope="session")
+def minari_root(tmp_path_factory):
+    """mujoco/hopper/{medium,expert}-v0 made locally from the real Hopper-v5 behaviour policies."""
+    root = tmp_path_factory.mktemp("minari")
+    old = {k: os.environ.get(k) for k in ("MINARI_DATASETS_PATH", *OFFLINE_ENV)}
+    os.environ.update({"MINARI_DATASETS_PATH": str(root), **OFFLINE_ENV})
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build("mujoco/hopper/medium-v0", "hopper-medium.npz", 8000, 0)
+        build("mujoco/hopper/expert-v0", "hopper-expert.npz", 4000, 1)
+    yield root
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def run_cli(args: list[str], root, timeout=600, script="damo.py"):
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(root), **OFFLINE_ENV, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, str(HERE / script), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=HERE)
+
+
+@pytest.fixture(scope="session")
+def e2e_run(minari_root, tmp_path_factory):
+    """One tiny DAMO run through the CLI, shared by the tests that read its files."""
+    runs = tmp_path_factory.mktemp("runs")
+    p = run_cli(["--env-id", "hopper-medium-expert", "--seed", "3", "--runs-dir", str(runs), "--run-name", "e2e",
+                 "--no-download", *flags()], minari_root)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return runs / "e2e"
