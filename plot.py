@@ -41,16 +41,16 @@ import numpy as np  # noqa: E402
 # ----------------------------------------------------------------------------------------------------
 
 
-def variant_label(args: dict) -> str:
-    """DAMO / w/o er / w/o ir / BC, plus every knob that differs from damo.py's defaults."""
+def variant_label(args: dict, family: str = "") -> str:
+    """DAMO / w/o er / w/o ir / BC, plus every knob that differs from damo.py's defaults for that env."""
     import damo
 
-    d = damo.Args()
+    d = damo.with_env_defaults(damo.Args(), family, explicit=set())
     if args.get("bc"):
         return "BC"
     alpha, beta = args.get("alpha", d.alpha), args.get("beta", d.beta)
     name = "w/o ir" if alpha == 0 else "w/o er" if beta == 0 else "DAMO"
-    knobs = ("alpha", "beta", "bc_coef", "real_ratio", "rollout_length", "tau", "actor_lr", "critic_lr")
+    knobs = ("alpha", "beta", "bc_coef", "real_ratio", "rollout_length", "tau", "actor_lr", "critic_lr", "backup_entropy")
     extra = [f"{k}={args[k]:g}" for k in knobs
              if k in args and args[k] != getattr(d, k) and not (k == "alpha" and alpha == 0)
              and not (k == "beta" and beta == 0)]
@@ -70,7 +70,7 @@ def read_run(path: str) -> dict:
     ret = np.array([float(r["return_mean"]) for r in rows])
     if not (np.all(np.diff(steps) > 0) and np.isfinite(ret).all()):
         raise ValueError("eval.csv is not a clean series")
-    return {"path": path, "env_id": cfg["args"]["env_id"], "variant": variant_label(cfg["args"]),
+    return {"path": path, "env_id": cfg["args"]["env_id"], "variant": variant_label(cfg["args"], cfg.get("data", {}).get("env_family", "")),
             "seed": cfg["args"]["seed"], "steps": steps, "score": score, "return": ret,
             "finished": os.path.exists(os.path.join(path, "results.json"))}
 

@@ -356,6 +356,25 @@ def test_eval_every_evaluates_every_kth_epoch_and_the_last(minari_root, tmp_path
     assert res["final_normalized_score"] == pytest.approx(float(rows[-1]["normalized_score"]), abs=1e-3)
 
 
+def test_env_defaults_apply_only_where_the_flag_is_not_given():
+    a = damo.Args()
+    assert damo.with_env_defaults(a, "halfcheetah", explicit=set()).alpha == 0.5
+    assert damo.with_env_defaults(a, "halfcheetah", explicit={"alpha"}).alpha == 5.0  # --alpha 5 given
+    assert damo.with_env_defaults(a, "hopper", explicit=set()).alpha == 5.0
+    assert damo.with_env_defaults(damo.Args(alpha=2.0), "halfcheetah").alpha == 2.0  # from Python: non-default kept
+    assert damo.with_env_defaults(a, "halfcheetah").alpha == 0.5
+    import plot
+
+    assert plot.variant_label(asdict_args(alpha=0.5), "halfcheetah") == "DAMO"
+    assert plot.variant_label(asdict_args(alpha=0.5), "hopper") == "DAMO (alpha=0.5)"
+
+
+def asdict_args(**kw) -> dict:
+    from dataclasses import asdict
+
+    return asdict(damo.Args(**kw))
+
+
 def test_cli_unknown_env_id(tmp_path):
     p = run_cli(["--env-id", "hopper-medium-replayy", "--runs-dir", str(tmp_path)], tmp_path)
     assert p.returncode == 2
