@@ -134,6 +134,8 @@ class Args:
     """alpha, weight of the conservative term (Eq. 5) and of Eq. 7b; 0 = "w/o ir"; halfcheetah: 0.5 (ENV_DEFAULTS; ours, docs/evidence.md)"""
     bc_coef: float = 0.2
     """eta, the actor's behaviour term has weight alpha * eta (Eq. 7b; 0 = Eq. 7 alone; ours, docs/evidence.md)"""
+    push_down_next: bool = False
+    """Eq. 5's push-down on the next states' policy actions, the values the TD target bootstraps from (ours)"""
     gamma: float = 0.99
     """discount (MOPO/MOBILE default)"""
     backup_entropy: bool = True
@@ -497,7 +499,7 @@ def corrected_reward(disc: Discriminator, s, a, r, s_next, is_synthetic, beta: f
 
 
 def critic_loss(critic, critic_target, actor, log_alpha_ent, batch: dict, n_real: int, offline: Optional[dict],
-                alpha: float, gamma: float, backup_entropy: bool = True):
+                alpha: float, gamma: float, backup_entropy: bool = True, push_down_next: bool = False):
     """Eqs. 5-6 (inner min over Q, behaviour alignment "ir") [ours: the dual form of the paper's
     "dual conservative value estimation"], for every critic j:
 
@@ -509,23 +511,31 @@ def critic_loss(critic, critic_target, actor, log_alpha_ent, batch: dict, n_real
     Eq. 1's objective itself, as CQL's `backup_entropy=False`).
 
     The push-up expectation is over offline rows: the first n_real rows of B, or `offline` when given
-    (a separate offline batch, used when B holds few offline rows)."""
+    (a separate offline batch, used when B holds few offline rows). With push_down_next the push-down
+    expectation is over the next states instead, E_{s'~B, (1 - done)} Q_j(s', a') with the a' of the
+    target: the form of the dual before the flow constraint collapses gamma * E Q(s', pi(s')) into an
+    expectation over s, and exactly the values the TD target bootstraps from."""
     s, a, r, s2, d = batch["obs"], batch["act"], batch["rew"], batch["next_obs"], batch["done"]
     alpha_ent = log_alpha_ent.exp().detach()
     with torch.no_grad():
         a2, logp2 = actor.sample(s2)
         v2 = critic_target(s2, a2).min(0).values - (alpha_ent * logp2 if backup_entropy else 0.0)
         y = r + gamma * (1.0 - d) * v2  # Eq. 6, [B]
-        a_pi = actor.sample(s)[0] if alpha > 0 else None
+        s_pi, a_pi = (s2, a2) if push_down_next else (s, actor.sample(s)[0] if alpha > 0 else None)
     if alpha > 0:
         if offline is None:
-            q_all = critic(torch.cat([s, s]), torch.cat([a, a_pi]))  # one forward: [n, 2B]
+            q_all = critic(torch.cat([s, s_pi]), torch.cat([a, a_pi]))  # one forward: [n, 2B]
             q, q_pi = q_all[:, : len(s)], q_all[:, len(s):]
             q_data = q[:, :n_real]
         else:
-            q_all = critic(torch.cat([s, s, offline["obs"]]), torch.cat([a, a_pi, offline["act"]]))
+            q_all = critic(torch.cat([s, s_pi, offline["obs"]]), torch.cat([a, a_pi, offline["act"]]))
             q, q_pi, q_data = q_all[:, : len(s)], q_all[:, len(s): 2 * len(s)], q_all[:, 2 * len(s):]
-        conservative = (q_pi.mean(1) - q_data.mean(1)).sum()  # Eq. 5, summed over critics
+        if push_down_next:  # terminal next states feed no target: left out
+            w = 1.0 - d
+            push_down = (q_pi * w).sum(1) / w.sum().clamp_min(1.0)
+        else:
+            push_down = q_pi.mean(1)
+        conservative = (push_down - q_data.mean(1)).sum()  # Eq. 5, summed over critics
     else:
         q = critic(s, a)
         conservative = torch.zeros((), device=s.device)
@@ -675,7 +685,7 @@ def damo_update(ag: Agent, D: dict, N: int, synthetic: "SyntheticBuffer", args: 
     # few offline rows in B (small real_ratio): the push-up term and Eq. 7b get an offline batch of their own
     offline = sample_rows(D, N, args.batch_size, device) if n_real < args.batch_size // 2 else None
     loss_q, info_q = ag.losses.critic(ag.critic, ag.critic_target, ag.actor, ag.log_alpha_ent, batch, n_real, offline,
-                                      args.alpha, args.gamma, args.backup_entropy)
+                                      args.alpha, args.gamma, args.backup_entropy, args.push_down_next)
     sgd_step(ag.critic_opt, loss_q)
     s_bc = offline if offline is not None else off
     ag.critic.requires_grad_(False)  # the actor's backward needs dQ/da only, not the critics' weight gradients
@@ -1569,6 +1579,15 @@ def benchmark(args: Args) -> dict:
     # the same 10 episodes one at a time (the loop evaluate() replaced), timed in this run for comparison
     res["eval_10_episodes_sequential_s"] = seconds(
         lambda: [evaluate(ag.actor, envs[:1], k, zeros, ones, device) for k in range(10)])
+
+    def physics_only():  # the floor of any evaluation: the simulator's 10 x 1000 steps, no policy
+        for k, env in enumerate(envs):
+            env.reset(seed=k)
+        for _ in range(1000):
+            for env in envs:
+                env.step(np.zeros(act_dim))
+
+    res["eval_10_episodes_env_only_s"] = seconds(physics_only)
     steps = args.epochs * args.steps_per_epoch
     res["projected_full_run_h"] = (steps / res["damo_update_steps_per_s"]
                                    + steps / args.rollout_freq * res["rollout_50k_x5_s"] * args.rollout_batch_size / 50_000
@@ -1588,6 +1607,7 @@ def print_benchmark(res: dict, path: str):
             ("model rollout 50,000 x 5", f"{res['rollout_50k_x5_s']:.2f} s"),
             ("evaluation, 10 x 1000-step episodes in lockstep", f"{res['eval_10_episodes_s']:.2f} s"),
             ("the same, one episode at a time", f"{res['eval_10_episodes_sequential_s']:.2f} s"),
+            ("the env's own 10 x 1000 steps (no policy)", f"{res['eval_10_episodes_env_only_s']:.2f} s"),
             ("projected policy phase of the configured run", f"{res['projected_full_run_h']:.1f} h")]
     print(f"| phase ({res['device']}, {res['threads']} torch threads{', --compile' if res['compile'] else ''}) "
           f"| figure |\n|---|---|")

@@ -179,8 +179,9 @@ def _small_batch(seed=0, B=8, obs_dim=4, act_dim=2):
             "done": (torch.rand(B, generator=g) < 0.3).float()}
 
 
-@pytest.mark.parametrize("alpha", [0.0, 2.5])
-def test_critic_loss_matches_hand_computation(alpha):
+@pytest.mark.parametrize("alpha,push_down_next,backup_entropy", [(0.0, False, True), (2.5, False, True),
+                                                                 (2.5, True, True), (2.5, False, False)])
+def test_critic_loss_matches_hand_computation(alpha, push_down_next, backup_entropy):
     torch.manual_seed(0)
     critic, actor = damo.CriticEnsemble(4, 2, 16, 2), damo.Actor(4, 2, 16)
     target = copy.deepcopy(critic)
@@ -188,6 +189,7 @@ def test_critic_loss_matches_hand_computation(alpha):
         p.data.add_(0.1)
     log_alpha_ent = torch.tensor(-1.0)
     batch, n_real, gamma = _small_batch(), 3, 0.9
+    batch["done"][[1, 5]] = 1.0  # two terminal next states: no bootstrap, and no push-down there
 
     def q_j(j, s, a):  # the j-th critic by hand, from its weights
         h = torch.relu(torch.cat([s, a], -1) @ critic.l1.weight[j] + critic.l1.bias[j])
@@ -195,19 +197,21 @@ def test_critic_loss_matches_hand_computation(alpha):
         return (h @ critic.l3.weight[j] + critic.l3.bias[j]).squeeze(-1)
 
     torch.manual_seed(1)
-    loss, info = damo.critic_loss(critic, target, actor, log_alpha_ent, batch, n_real, None, alpha, gamma)
+    loss, info = damo.critic_loss(critic, target, actor, log_alpha_ent, batch, n_real, None, alpha, gamma,
+                                  backup_entropy, push_down_next)
     torch.manual_seed(1)  # same samples: a' ~ pi(s') first, then a ~ pi(s)
     a2, logp2 = actor.sample(batch["next_obs"])
     a_pi = actor.sample(batch["obs"])[0]
     with torch.no_grad():
-        v2 = torch.minimum(*target(batch["next_obs"], a2)) - math.exp(-1.0) * logp2
+        v2 = torch.minimum(*target(batch["next_obs"], a2)) - (math.exp(-1.0) * logp2 if backup_entropy else 0.0)
         y = batch["rew"] + gamma * (1 - batch["done"]) * v2
-    s, a = batch["obs"], batch["act"]
+    s, a, live = batch["obs"], batch["act"], batch["done"] == 0
     expected = 0.0
     for j in range(2):
         q = q_j(j, s, a)
         expected = expected + 0.5 * ((y - q) ** 2).mean()
-        expected = expected + alpha * (q_j(j, s, a_pi.detach()).mean() - q[:n_real].mean())
+        down = q_j(j, batch["next_obs"], a2.detach())[live].mean() if push_down_next else q_j(j, s, a_pi.detach()).mean()
+        expected = expected + alpha * (down - q[:n_real].mean())
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
     if alpha == 0:
         assert info["conservative_gap"].item() == 0.0
