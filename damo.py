@@ -1162,7 +1162,7 @@ def load_d4rl_hdf5(path: str, env_id: str) -> tuple[dict, dict, gym.Env]:
     """--dataset-path: a D4RL -v2 hdf5 file (flat arrays, one row per transition). `terminals` is the
     bootstrap mask; `timeouts` end an episode without terminating, so they only count episodes. The env
     family comes from the file name (hopper_medium_expert-v2.hdf5), else from --env-id; evaluation runs
-    in the Gymnasium v5 env of that family with D4RL's reference returns (README "D4RL files")."""
+    in the Gymnasium v5 env of that family with D4RL's reference returns (README "Data")."""
     import h5py
 
     name = os.path.basename(path).lower()

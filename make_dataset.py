@@ -1,8 +1,8 @@
 """Build a real Minari dataset locally by rolling a behaviour policy in the real MuJoCo environment.
 
 Why this file exists: Minari's hosted MuJoCo datasets need a network. To test and benchmark damo.py
-without one, we roll one of the carried Hopper-v5 behaviour policies (`assets/policies/`, SAC
-policies trained online in the real Hopper-v5; see README "Local data") and write the episodes with
+without one, we roll the carried behaviour policies (`assets/policies/`: Hopper-v5 and HalfCheetah-v5
+SAC policies trained online in the real environments; README "Data") and write the episodes with
 Minari's own API (`create_dataset_from_buffers`, no jax needed), under `MINARI_DATASETS_PATH`, named
 like the hosted ids. damo.py then loads them with exactly the code it uses for downloaded data.
 

@@ -21,7 +21,7 @@ import torch
 
 import damo
 
-from conftest import HERE, OFFLINE_ENV, build, flags, run_cli
+from conftest import HERE, OFFLINE_ENV, POLICIES, build, flags, run_cli
 
 TINY = flags()  # the tiny run's flags (conftest.TINY) as a CLI list
 
@@ -48,6 +48,28 @@ def test_load_dataset_combines_medium_expert(minari_root):
     # D4RL reference returns, labelled approximate on v5 data
     assert "approximate" in info["ref_source"]
     assert damo.normalized_score(3234.3, info) == pytest.approx(100.0)
+
+
+def test_make_dataset_mix_of_sources(tmp_path, monkeypatch):
+    """--mix: sources rolled one after the other into one Minari dataset, episode ids in order, each
+    source's steps as asked; a malformed item is refused with its text."""
+    import minari
+
+    import make_dataset
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    mix = ("random:300", f"{POLICIES / 'hopper-medium.npz'}:500")
+    ds, returns = make_dataset.make_dataset(make_dataset.Args(env_id="Hopper-v5", dataset_id="mujoco/hopper/mixtest-v0",
+                                                              mix=mix, seed=0))
+    assert ds.total_steps == 800
+    eps = list(minari.load_dataset("mujoco/hopper/mixtest-v0").iterate_episodes())
+    assert [e.id for e in eps] == list(range(len(eps))) and len(eps) == len(returns)
+    lengths = np.cumsum([len(e.rewards) for e in eps])
+    assert 300 in lengths  # the random source ends exactly at its 300 steps, then the policy's episodes
+    k = int(np.searchsorted(lengths, 300))
+    assert np.mean(returns[: k + 1]) < np.mean(returns[k + 1:])  # random actions fall at once; the policy hops
+    with pytest.raises(SystemExit, match="random:lots"):
+        make_dataset.parse_mix(["random:lots"])
 
 
 def test_newest_local_version_is_resolved(minari_root):
