@@ -55,7 +55,7 @@ import re
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Optional
 from urllib.parse import urlparse
 
@@ -214,8 +214,6 @@ ENV_DEFAULTS = {"halfcheetah": {"alpha": 0.5}}
 def with_env_defaults(args: Args, family: str, explicit: Optional[set] = None) -> Args:
     """args with ENV_DEFAULTS[family] for every field not named in `explicit` (the flags given on the
     command line; from Python, None means: every field still at its Args() default)."""
-    from dataclasses import replace
-
     table = ENV_DEFAULTS.get(family, {})
     if explicit is None:
         explicit = {f for f in table if getattr(args, f) != getattr(Args(), f)}
@@ -1510,8 +1508,6 @@ def benchmark(args: Args) -> dict:
     """Median time of each phase over `benchmark_repeats` repeats after a warm-up, on random data with
     the env's real shapes. The SAC reference is the same update with alpha = beta = 0 on the same
     networks (no discriminator, no conservative term, no behaviour term): plain model-based SAC."""
-    from dataclasses import replace
-
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if device.type == "cpu" and args.threads > 0:
