@@ -239,6 +239,42 @@ def test_critic_loss_matches_hand_computation(alpha, push_down_next, backup_entr
         assert info["conservative_gap"].item() == 0.0
 
 
+def test_critic_loss_soft_push_down_matches_hand_computation():
+    """Eq. 5s: per state and critic, logsumexp over n uniform and n policy actions of Q - log q, minus log 2n."""
+    torch.manual_seed(0)
+    critic, actor = damo.CriticEnsemble(4, 2, 16, 2), damo.Actor(4, 2, 16)
+    batch, n_real, gamma, alpha, n = _small_batch(), 3, 0.9, 0.5, 3
+    torch.manual_seed(1)
+    loss, info = damo.critic_loss(critic, critic, actor, torch.tensor(-1.0), batch, n_real, None, alpha, gamma,
+                                  soft_actions=n)
+    torch.manual_seed(1)  # same draws: a' ~ pi(s'), then n policy actions per state, then n uniform ones
+    s, a, B = batch["obs"], batch["act"], len(batch["obs"])
+    a2, logp2 = actor.sample(batch["next_obs"])
+    a_pol, logp_pol = actor.sample(s.repeat(n, 1))
+    a_uni = torch.rand(n * B, 2) * 2 - 1
+    with torch.no_grad():
+        y = batch["rew"] + gamma * (1 - batch["done"]) * (critic(batch["next_obs"], a2).min(0).values
+                                                          - math.exp(-1.0) * logp2)
+        expected = 0.0
+        for j in range(2):
+            q = critic(s, a)[j]
+            soft = []
+            for i in range(B):  # the soft maximum of one state, written out
+                terms = [critic(s[i:i + 1], a_uni[k * B + i: k * B + i + 1])[j, 0] + 2 * math.log(2.0) for k in range(n)]
+                terms += [critic(s[i:i + 1], a_pol[k * B + i: k * B + i + 1])[j, 0] - logp_pol[k * B + i] for k in range(n)]
+                soft.append(torch.logsumexp(torch.stack(terms), 0) - math.log(2 * n))
+            expected = expected + 0.5 * ((y - q) ** 2).mean() + alpha * (torch.stack(soft).mean() - q[:n_real].mean())
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    # a critic that ignores the action: the uniform half of the estimator is exact, log of the box's volume
+    flat = damo.CriticEnsemble(4, 2, 16, 2)
+    with torch.no_grad():
+        flat.l1.weight[:, 4:] = 0.0
+    torch.manual_seed(2)
+    _, info = damo.critic_loss(flat, flat, actor, torch.tensor(-1.0), batch, B, None, alpha, gamma, soft_actions=n)
+    # the n uniform terms alone give Q + log(vol) - log 2, so the gap to the data's Q is at least log 2 here
+    assert info["conservative_gap"].item() >= 2 * math.log(2.0) - math.log(2.0) - 1e-5
+
+
 def test_critic_loss_with_separate_offline_batch():
     torch.manual_seed(0)
     critic, actor = damo.CriticEnsemble(4, 2, 16, 2), damo.Actor(4, 2, 16)
