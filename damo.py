@@ -133,7 +133,7 @@ class Args:
     alpha: float = 5.0
     """alpha, weight of the conservative term (Eq. 5) and of Eq. 7b; 0 = "w/o ir"; halfcheetah: 0.5 (ENV_DEFAULTS; ours, docs/evidence.md)"""
     bc_coef: float = 0.2
-    """eta, the actor's behaviour term has weight alpha * eta (Eq. 7b; 0 = Eq. 7 alone; ours, docs/evidence.md)"""
+    """eta, the actor's behaviour term has weight alpha * eta (Eq. 7b; 0 = Eq. 7 alone; halfcheetah: 0, ENV_DEFAULTS; ours)"""
     push_down_next: bool = False
     """Eq. 5's push-down on the next states' policy actions, the values the TD target bootstraps from (ours)"""
     soft_actions: int = 0
@@ -143,7 +143,7 @@ class Args:
     backup_entropy: bool = True
     """-alpha_ent * log pi(a'|s') in the TD target (Eq. 6, SAC's soft value); off: Q estimates the plain return"""
     tau: float = 0.02
-    """Polyak rate of the target critics (ours, 4x SAC's 0.005; docs/evidence.md)"""
+    """Polyak rate of the target critics (ours, 4x SAC's 0.005; halfcheetah: 0.005, ENV_DEFAULTS; docs/evidence.md)"""
     batch_size: int = 256
     """B, training batch (SAC default)"""
     actor_lr: float = 1e-4
@@ -206,11 +206,13 @@ class Args:
     """CPU threads for torch (1: several 1-thread runs side by side use the cores best; docs/speed.md)"""
 
 
-# Per-environment defaults [ours], like CORL's per-dataset configs: only alpha, the coefficient the paper
-# itself tunes per dataset (its Fig. 5), and only where the evidence showed it must differ
-# (docs/evidence.md); COMBO's conservative weights differ the same way (5 on hopper, 0.5 on halfcheetah).
-# Applied where the flag is not given; config.json records the values a run used.
-ENV_DEFAULTS = {"halfcheetah": {"alpha": 0.5}}
+# Per-environment defaults [ours], like CORL's per-dataset configs, only where the evidence showed they
+# must differ (docs/evidence.md). alpha is the coefficient the paper itself tunes per dataset (its
+# Fig. 5); COMBO's conservative weights differ the same way (5 on hopper, 0.5 on halfcheetah). On
+# HalfCheetah the maximin alone (eta = 0, no Eq. 7b) leaves behaviour cloning behind, but only with
+# SAC's slower target (tau 0.005): at 0.02 its critic diverges within 5k steps. Applied where the flag
+# is not given; config.json records the values a run used.
+ENV_DEFAULTS = {"halfcheetah": {"alpha": 0.5, "bc_coef": 0.0, "tau": 0.005}}
 
 
 def with_env_defaults(args: Args, family: str, explicit: Optional[set] = None) -> Args:

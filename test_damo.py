@@ -425,9 +425,12 @@ def test_env_defaults_apply_only_where_the_flag_is_not_given():
     assert damo.with_env_defaults(a, "hopper", explicit=set()).alpha == 5.0
     assert damo.with_env_defaults(damo.Args(alpha=2.0), "halfcheetah").alpha == 2.0  # from Python: non-default kept
     assert damo.with_env_defaults(a, "halfcheetah").alpha == 0.5
+    hc = damo.with_env_defaults(a, "halfcheetah", explicit={"bc_coef"})  # --bc-coef 0.2 given: Eq. 7b kept
+    assert (hc.alpha, hc.bc_coef, hc.tau) == (0.5, 0.2, 0.005)
     import plot
 
-    assert plot.variant_label(asdict_args(alpha=0.5), "halfcheetah") == "DAMO"
+    assert plot.variant_label(asdict_args(alpha=0.5, bc_coef=0.0, tau=0.005), "halfcheetah") == "DAMO"
+    assert plot.variant_label(asdict_args(alpha=0.5, tau=0.005), "halfcheetah") == "DAMO (bc_coef=0.2)"
     assert plot.variant_label(asdict_args(alpha=0.5), "hopper") == "DAMO (alpha=0.5)"
 
 
