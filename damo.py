@@ -521,11 +521,11 @@ def critic_loss(critic, critic_target, actor, log_alpha_ent, batch: dict, n_real
 
     With soft_actions = n > 0 the push-down is a soft maximum over actions instead (Eq. 5s) [ours]:
 
-      E_{s~B} log \int exp Q_j(s, a) da  ~  E_{s~B} [ logsumexp_i ( Q_j(s, a_i) - log q(a_i) ) - log 2n ],
+      E_{s~B} log integral exp Q_j(s, a) da  ~  E_{s~B} [ logsumexp_i ( Q_j(s, a_i) - log q(a_i) ) - log 2n ],
 
     n actions a_i ~ U[-1, 1]^|A| and n from pi(s), each weighted by its proposal's density q (the
     estimator of CQL(H), as COMBO uses it). It is Eq. 5's push-down taken at the outer max's
-    entropy-regularised best response, pi*(a|s) ~ exp Q(s, a): max_pi E_pi Q + H(pi) = log \int exp Q.
+    entropy-regularised best response, pi*(a|s) ~ exp Q(s, a): max_pi E_pi Q + H(pi) = log integral exp Q.
     The critic is then held down wherever some action's value is high, not only at the one action the
     current policy samples, which the actor can step away from."""
     s, a, r, s2, d = batch["obs"], batch["act"], batch["rew"], batch["next_obs"], batch["done"]
@@ -544,7 +544,7 @@ def critic_loss(critic, critic_target, actor, log_alpha_ent, batch: dict, n_real
             log_q = torch.cat([torch.full((n * B,), -A * math.log(2.0), device=s.device), logp_pol]).view(2 * n, B)
     if alpha > 0:
         if offline is None:
-            q_all = critic(torch.cat([s, s_pi]), torch.cat([a, a_pi]))  # one forward: [n, 2B]
+            q_all = critic(torch.cat([s, s_pi]), torch.cat([a, a_pi]))  # one forward: [n, B + rows of s_pi]
             q, q_pi = q_all[:, : len(s)], q_all[:, len(s):]
             q_data = q[:, :n_real]
         else:
