@@ -53,8 +53,8 @@ def variant_label(args: dict, family: str = "") -> str:
     knobs = ("alpha", "beta", "bc_coef", "real_ratio", "rollout_length", "tau", "actor_lr", "critic_lr", "backup_entropy",
              "soft_actions", "push_down_next")
     extra = [f"{k}={args[k]:g}" for k in knobs
-             if k in args and args[k] != getattr(d, k) and not (k == "alpha" and alpha == 0)
-             and not (k == "beta" and beta == 0)]
+             if k in args and args[k] != getattr(d, k) and not (k == "beta" and beta == 0)
+             and not (alpha == 0 and k in ("alpha", "bc_coef", "soft_actions", "push_down_next"))]  # inert at alpha 0
     return name + (f" ({', '.join(extra)})" if extra else "")
 
 
