@@ -22,8 +22,8 @@ M^, d^D that of the data and d^S that of the synthetic buffer S:
 The second part of Eq. 2 is a reward penalty that a classifier D_w(s,a,s') estimates (Eqs. 3-4, data
 alignment, "er"); the first is replaced by its dual with the critic as the multiplier, which pushes Q
 down on the policy's actions and up on the data's (Eqs. 5-6, behaviour alignment, "ir"); the actor
-ascends that critic (Eq. 7), with a behaviour-cloning surrogate for the policy part of the divergence
-(Eq. 7b). [paper] marks what the paper states, [ours] this project's reconstruction or choice.
+ascends that critic (Eq. 7), optionally with a behaviour-cloning surrogate for the policy part of the
+divergence (Eq. 7b; off on halfcheetah, see ENV_DEFAULTS). [paper] marks what the paper states, [ours] this project's reconstruction or choice.
 
 Usage:
     python damo.py --env-id hopper-medium-expert --seed 0
@@ -34,7 +34,7 @@ Map of the file (top to bottom, in the order of the algorithm):
     2. Data        Minari datasets -> flat arrays, normalised scores (Eq. 10), batches, the buffer S
     3. Networks    EnsembleLinear, dynamics ensemble, termination functions, classifier, critics, actor
     4. Losses      dynamics_loss (Eq. 9), discriminator_loss (Eq. 3), corrected_reward (Eq. 4),
-                   critic_loss (Eqs. 5-6), actor_loss (Eqs. 7, 7b), alpha_loss (Eq. 8)
+                   critic_loss (Eqs. 5-6, 5s), actor_loss (Eqs. 7, 7b), alpha_loss (Eq. 8)
     5. damo_update one gradient step: classifier -> r~ -> critics -> actor -> temperature -> targets
     6. train_dynamics, model_rollout, evaluate
     7. Algorithm 1 prepare_data -> fit_dynamics -> train (the loop) -> main
