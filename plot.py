@@ -135,13 +135,15 @@ def plot_curves(runs: list[dict], out: str, kind: str = "std", key: str = "score
     envs = sorted({r["env_id"] for r in runs})
     fig, axes = plt.subplots(1, len(envs), figsize=(5.5 * len(envs), 4), squeeze=False)
     rng = np.random.default_rng(0)
+    # one colour per variant in every panel
+    color = {v: f"C{i % 10}" for i, v in enumerate(sorted({r["variant"] for r in runs}))}
     for ax, env in zip(axes[0], envs):
         variants = sorted({r["variant"] for r in runs if r["env_id"] == env})
         for v in variants:
             rs = [r for r in runs if r["env_id"] == env and r["variant"] == v]
             grid, vals = on_grid(rs, key)
             mean, lo, hi = band(vals, kind, rng)
-            line, = ax.plot(grid, mean, label=f"{v} (n={len(rs)})")
+            line, = ax.plot(grid, mean, color=color[v], label=f"{v} (n={len(rs)})")
             ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_title(env)
         ax.set_xlabel("gradient steps")
