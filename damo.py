@@ -23,7 +23,8 @@ The second part of Eq. 2 is a reward penalty that a classifier D_w(s,a,s') estim
 alignment, "er"); the first is replaced by its dual with the critic as the multiplier, which pushes Q
 down on the policy's actions and up on the data's (Eqs. 5-6, behaviour alignment, "ir"); the actor
 ascends that critic (Eq. 7), optionally with a behaviour-cloning surrogate for the policy part of the
-divergence (Eq. 7b; off on halfcheetah, see ENV_DEFAULTS). [paper] marks what the paper states, [ours] this project's reconstruction or choice.
+divergence (Eq. 7b; off on halfcheetah, see ENV_DEFAULTS). [paper] marks what the paper states, [ours]
+this project's reconstruction or choice.
 
 Usage:
     python damo.py --env-id hopper-medium-expert --seed 0
@@ -1069,6 +1070,8 @@ def check_args(args: "Args"):
             raise DamoError(f"{flag} {v} is out of range; allowed: {rng}")
     if args.n_elites > args.n_ensemble:
         raise DamoError(f"--n-elites {args.n_elites} is more than --n-ensemble {args.n_ensemble}; allowed: 1..n_ensemble")
+    if args.soft_actions > 0 and args.push_down_next:
+        raise DamoError("--soft-actions and --push-down-next are two forms of Eq. 5's push-down; pass one of them")
 
 
 def explicit_flags(argv: list[str]) -> set:

@@ -494,6 +494,8 @@ def test_check_args_accepts_the_defaults_and_edges():
     damo.check_args(damo.Args(gamma=1.0, tau=1.0, real_ratio=1.0, alpha=0.0, beta=0.0, bc_coef=0.0, n_elites=7))
     with pytest.raises(damo.DamoError, match="--tau 0.0"):
         damo.check_args(damo.Args(tau=0.0))
+    with pytest.raises(damo.DamoError, match="pass one of them"):
+        damo.check_args(damo.Args(soft_actions=2, push_down_next=True))
 
 
 @pytest.mark.parametrize("download", [True, False])
