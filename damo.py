@@ -35,7 +35,7 @@ Map of the file (top to bottom, in the order of the algorithm):
     2. Data        Minari datasets -> flat arrays, normalised scores (Eq. 10), batches, the buffer S
     3. Networks    EnsembleLinear, dynamics ensemble, termination functions, classifier, critics, actor
     4. Losses      dynamics_loss (Eq. 9), discriminator_loss (Eq. 3), corrected_reward (Eq. 4),
-                   critic_loss (Eqs. 5-6, 5s), actor_loss (Eqs. 7, 7b), alpha_loss (Eq. 8)
+                   critic_loss (Eqs. 5-6), actor_loss (Eqs. 7, 7b), alpha_loss (Eq. 8)
     5. damo_update one gradient step: classifier -> r~ -> critics -> actor -> temperature -> targets
     6. train_dynamics, model_rollout, evaluate
     7. Algorithm 1 prepare_data -> fit_dynamics -> train (the loop) -> main
@@ -135,10 +135,6 @@ class Args:
     """alpha, weight of the conservative term (Eq. 5) and of Eq. 7b; 0 = "w/o ir"; halfcheetah: 0.5 (ENV_DEFAULTS; ours, docs/evidence.md)"""
     bc_coef: float = 0.2
     """eta, the actor's behaviour term has weight alpha * eta (Eq. 7b; 0 = Eq. 7 alone; halfcheetah: 0, ENV_DEFAULTS; ours)"""
-    push_down_next: bool = False
-    """Eq. 5's push-down on the next states' policy actions, the values the TD target bootstraps from (ours)"""
-    soft_actions: int = 0
-    """n > 0: Eq. 5's push-down as a soft maximum over n uniform + n policy actions per state (Eq. 5s, CQL(H) form; ours)"""
     gamma: float = 0.99
     """discount (MOPO/MOBILE default)"""
     backup_entropy: bool = True
@@ -502,8 +498,7 @@ def corrected_reward(disc: Discriminator, s, a, r, s_next, is_synthetic, beta: f
 
 
 def critic_loss(critic, critic_target, actor, log_alpha_ent, batch: dict, n_real: int, offline: Optional[dict],
-                alpha: float, gamma: float, backup_entropy: bool = True, push_down_next: bool = False,
-                soft_actions: int = 0):
+                alpha: float, gamma: float, backup_entropy: bool = True):
     """Eqs. 5-6 (inner min over Q, behaviour alignment "ir") [ours: the dual form of the paper's
     "dual conservative value estimation"], for every critic j:
 
@@ -515,51 +510,25 @@ def critic_loss(critic, critic_target, actor, log_alpha_ent, batch: dict, n_real
     Eq. 1's objective itself, as CQL's `backup_entropy=False`).
 
     The push-up expectation is over offline rows: the first n_real rows of B, or `offline` when given
-    (a separate offline batch, used when B holds few offline rows). With push_down_next the push-down
-    expectation is over the next states instead, E_{s'~B, (1 - done)} Q_j(s', a') with the a' of the
-    target: the form of the dual before the flow constraint collapses gamma * E Q(s', pi(s')) into an
-    expectation over s, and exactly the values the TD target bootstraps from.
-
-    With soft_actions = n > 0 the push-down is a soft maximum over actions instead (Eq. 5s) [ours]:
-
-      E_{s~B} log integral exp Q_j(s, a) da  ~  E_{s~B} [ logsumexp_i ( Q_j(s, a_i) - log q(a_i) ) - log 2n ],
-
-    n actions a_i ~ U[-1, 1]^|A| and n from pi(s), each weighted by its proposal's density q (the
-    estimator of CQL(H), as COMBO uses it). It is Eq. 5's push-down taken at the outer max's
-    entropy-regularised best response, pi*(a|s) ~ exp Q(s, a): max_pi E_pi Q + H(pi) = log integral exp Q.
-    The critic is then held down wherever some action's value is high, not only at the one action the
-    current policy samples, which the actor can step away from."""
+    (a separate offline batch, used when B holds few offline rows). Two other forms of the push-down
+    (on the next states' actions; a soft maximum over sampled actions, CQL(H)) were measured and
+    changed nothing (docs/evidence.md, with the patch that restores them)."""
     s, a, r, s2, d = batch["obs"], batch["act"], batch["rew"], batch["next_obs"], batch["done"]
     alpha_ent = log_alpha_ent.exp().detach()
     with torch.no_grad():
         a2, logp2 = actor.sample(s2)
         v2 = critic_target(s2, a2).min(0).values - (alpha_ent * logp2 if backup_entropy else 0.0)
         y = r + gamma * (1.0 - d) * v2  # Eq. 6, [B]
-        if soft_actions == 0 or alpha == 0:
-            s_pi, a_pi = (s2, a2) if push_down_next else (s, actor.sample(s)[0] if alpha > 0 else None)
-        else:  # Eq. 5s: n uniform and n policy actions per state, as rows [2n * B]
-            n, B, A = soft_actions, len(s), a.shape[-1]
-            s_pi = s.repeat(2 * n, 1)
-            a_pol, logp_pol = actor.sample(s.repeat(n, 1))
-            a_pi = torch.cat([torch.rand(n * B, A, device=s.device) * 2 - 1, a_pol])
-            log_q = torch.cat([torch.full((n * B,), -A * math.log(2.0), device=s.device), logp_pol]).view(2 * n, B)
+        a_pi = actor.sample(s)[0] if alpha > 0 else None
     if alpha > 0:
         if offline is None:
-            q_all = critic(torch.cat([s, s_pi]), torch.cat([a, a_pi]))  # one forward: [n, B + rows of s_pi]
+            q_all = critic(torch.cat([s, s]), torch.cat([a, a_pi]))  # one forward: [n, 2B]
             q, q_pi = q_all[:, : len(s)], q_all[:, len(s):]
             q_data = q[:, :n_real]
         else:
-            q_all = critic(torch.cat([s, s_pi, offline["obs"]]), torch.cat([a, a_pi, offline["act"]]))
-            q, q_pi, q_data = q_all[:, : len(s)], q_all[:, len(s): len(s) + len(s_pi)], q_all[:, len(s) + len(s_pi):]
-        if soft_actions > 0:
-            q_pi = q_pi.view(critic.n, 2 * soft_actions, len(s))
-            push_down = (torch.logsumexp(q_pi - log_q, dim=1) - math.log(2 * soft_actions)).mean(1)
-        elif push_down_next:  # terminal next states feed no target: left out
-            w = 1.0 - d
-            push_down = (q_pi * w).sum(1) / w.sum().clamp_min(1.0)
-        else:
-            push_down = q_pi.mean(1)
-        conservative = (push_down - q_data.mean(1)).sum()  # Eq. 5, summed over critics
+            q_all = critic(torch.cat([s, s, offline["obs"]]), torch.cat([a, a_pi, offline["act"]]))
+            q, q_pi, q_data = q_all[:, : len(s)], q_all[:, len(s): 2 * len(s)], q_all[:, 2 * len(s):]
+        conservative = (q_pi.mean(1) - q_data.mean(1)).sum()  # Eq. 5, summed over critics
     else:
         q = critic(s, a)
         conservative = torch.zeros((), device=s.device)
@@ -709,8 +678,7 @@ def damo_update(ag: Agent, D: dict, N: int, synthetic: "SyntheticBuffer", args: 
     # few offline rows in B (small real_ratio): the push-up term and Eq. 7b get an offline batch of their own
     offline = sample_rows(D, N, args.batch_size, device) if n_real < args.batch_size // 2 else None
     loss_q, info_q = ag.losses.critic(ag.critic, ag.critic_target, ag.actor, ag.log_alpha_ent, batch, n_real, offline,
-                                      args.alpha, args.gamma, args.backup_entropy, args.push_down_next,
-                                      args.soft_actions)
+                                      args.alpha, args.gamma, args.backup_entropy)
     sgd_step(ag.critic_opt, loss_q)
     s_bc = offline if offline is not None else off
     ag.critic.requires_grad_(False)  # the actor's backward needs dQ/da only, not the critics' weight gradients
@@ -1049,7 +1017,7 @@ FLAG_RANGES = {
     "rollout_freq": (1, None, True), "rollout_batch_size": (1, None, True), "rollout_length": (1, None, True),
     "model_retain_rollouts": (1, None, True), "real_ratio": (0, 1, False),
     "beta": (0, None, True), "logit_clip": (0, None, False), "disc_hidden": (1, None, True), "disc_lr": (0, None, False),
-    "alpha": (0, None, True), "bc_coef": (0, None, True), "soft_actions": (0, None, True), "gamma": (0, 1, False), "tau": (0, 1, False),
+    "alpha": (0, None, True), "bc_coef": (0, None, True), "gamma": (0, 1, False), "tau": (0, 1, False),
     "batch_size": (2, None, True), "actor_lr": (0, None, False), "critic_lr": (0, None, False),
     "alpha_ent_lr": (0, None, False), "n_critics": (1, None, True), "hidden": (1, None, True),
     "epochs": (1, None, True), "steps_per_epoch": (1, None, True), "eval_episodes": (1, None, True),
@@ -1070,8 +1038,6 @@ def check_args(args: "Args"):
             raise DamoError(f"{flag} {v} is out of range; allowed: {rng}")
     if args.n_elites > args.n_ensemble:
         raise DamoError(f"--n-elites {args.n_elites} is more than --n-ensemble {args.n_ensemble}; allowed: 1..n_ensemble")
-    if args.soft_actions > 0 and args.push_down_next:
-        raise DamoError("--soft-actions and --push-down-next are two forms of Eq. 5's push-down; pass one of them")
 
 
 def explicit_flags(argv: list[str]) -> set:
@@ -1392,7 +1358,7 @@ def load_agent(path: str, device="cpu") -> tuple[Agent, dict]:
     path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
     try:
         ck = torch.load(path, map_location=device, weights_only=False)
-        args = Args(**{**ck["args"], "compile": False})
+        args = Args(**{**{k: v for k, v in ck["args"].items() if k in Args.__dataclass_fields__}, "compile": False})
         obs_dim = ck["obs_mean"].numel()
         act_dim = [v for v in ck["actor"].values() if v.dim() == 2][-1].shape[0] // 2  # last layer: mean, log-std
         ag = make_agent(obs_dim, act_dim, args, device)

@@ -201,9 +201,8 @@ def _small_batch(seed=0, B=8, obs_dim=4, act_dim=2):
             "done": (torch.rand(B, generator=g) < 0.3).float()}
 
 
-@pytest.mark.parametrize("alpha,push_down_next,backup_entropy", [(0.0, False, True), (2.5, False, True),
-                                                                 (2.5, True, True), (2.5, False, False)])
-def test_critic_loss_matches_hand_computation(alpha, push_down_next, backup_entropy):
+@pytest.mark.parametrize("alpha,backup_entropy", [(0.0, True), (2.5, True), (2.5, False)])
+def test_critic_loss_matches_hand_computation(alpha, backup_entropy):
     torch.manual_seed(0)
     critic, actor = damo.CriticEnsemble(4, 2, 16, 2), damo.Actor(4, 2, 16)
     target = copy.deepcopy(critic)
@@ -211,7 +210,7 @@ def test_critic_loss_matches_hand_computation(alpha, push_down_next, backup_entr
         p.data.add_(0.1)
     log_alpha_ent = torch.tensor(-1.0)
     batch, n_real, gamma = _small_batch(), 3, 0.9
-    batch["done"][[1, 5]] = 1.0  # two terminal next states: no bootstrap, and no push-down there
+    batch["done"][[1, 5]] = 1.0  # two terminal next states: no bootstrap
 
     def q_j(j, s, a):  # the j-th critic by hand, from its weights
         h = torch.relu(torch.cat([s, a], -1) @ critic.l1.weight[j] + critic.l1.bias[j])
@@ -220,59 +219,23 @@ def test_critic_loss_matches_hand_computation(alpha, push_down_next, backup_entr
 
     torch.manual_seed(1)
     loss, info = damo.critic_loss(critic, target, actor, log_alpha_ent, batch, n_real, None, alpha, gamma,
-                                  backup_entropy, push_down_next)
+                                  backup_entropy)
     torch.manual_seed(1)  # same samples: a' ~ pi(s') first, then a ~ pi(s)
     a2, logp2 = actor.sample(batch["next_obs"])
     a_pi = actor.sample(batch["obs"])[0]
     with torch.no_grad():
         v2 = torch.minimum(*target(batch["next_obs"], a2)) - (math.exp(-1.0) * logp2 if backup_entropy else 0.0)
         y = batch["rew"] + gamma * (1 - batch["done"]) * v2
-    s, a, live = batch["obs"], batch["act"], batch["done"] == 0
+    s, a = batch["obs"], batch["act"]
     expected = 0.0
     for j in range(2):
         q = q_j(j, s, a)
         expected = expected + 0.5 * ((y - q) ** 2).mean()
-        down = q_j(j, batch["next_obs"], a2.detach())[live].mean() if push_down_next else q_j(j, s, a_pi.detach()).mean()
+        down = q_j(j, s, a_pi.detach()).mean()
         expected = expected + alpha * (down - q[:n_real].mean())
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
     if alpha == 0:
         assert info["conservative_gap"].item() == 0.0
-
-
-def test_critic_loss_soft_push_down_matches_hand_computation():
-    """Eq. 5s: per state and critic, logsumexp over n uniform and n policy actions of Q - log q, minus log 2n."""
-    torch.manual_seed(0)
-    critic, actor = damo.CriticEnsemble(4, 2, 16, 2), damo.Actor(4, 2, 16)
-    batch, n_real, gamma, alpha, n = _small_batch(), 3, 0.9, 0.5, 3
-    torch.manual_seed(1)
-    loss, info = damo.critic_loss(critic, critic, actor, torch.tensor(-1.0), batch, n_real, None, alpha, gamma,
-                                  soft_actions=n)
-    torch.manual_seed(1)  # same draws: a' ~ pi(s'), then n policy actions per state, then n uniform ones
-    s, a, B = batch["obs"], batch["act"], len(batch["obs"])
-    a2, logp2 = actor.sample(batch["next_obs"])
-    a_pol, logp_pol = actor.sample(s.repeat(n, 1))
-    a_uni = torch.rand(n * B, 2) * 2 - 1
-    with torch.no_grad():
-        y = batch["rew"] + gamma * (1 - batch["done"]) * (critic(batch["next_obs"], a2).min(0).values
-                                                          - math.exp(-1.0) * logp2)
-        expected = 0.0
-        for j in range(2):
-            q = critic(s, a)[j]
-            soft = []
-            for i in range(B):  # the soft maximum of one state, written out
-                terms = [critic(s[i:i + 1], a_uni[k * B + i: k * B + i + 1])[j, 0] + 2 * math.log(2.0) for k in range(n)]
-                terms += [critic(s[i:i + 1], a_pol[k * B + i: k * B + i + 1])[j, 0] - logp_pol[k * B + i] for k in range(n)]
-                soft.append(torch.logsumexp(torch.stack(terms), 0) - math.log(2 * n))
-            expected = expected + 0.5 * ((y - q) ** 2).mean() + alpha * (torch.stack(soft).mean() - q[:n_real].mean())
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
-    # a critic that ignores the action: the uniform half of the estimator is exact, log of the box's volume
-    flat = damo.CriticEnsemble(4, 2, 16, 2)
-    with torch.no_grad():
-        flat.l1.weight[:, 4:] = 0.0
-    torch.manual_seed(2)
-    _, info = damo.critic_loss(flat, flat, actor, torch.tensor(-1.0), batch, B, None, alpha, gamma, soft_actions=n)
-    # the n uniform terms alone give Q + log(vol) - log 2, so the gap to the data's Q is at least log 2 here
-    assert info["conservative_gap"].item() >= 2 * math.log(2.0) - math.log(2.0) - 1e-5
 
 
 def test_critic_loss_with_separate_offline_batch():
@@ -494,8 +457,6 @@ def test_check_args_accepts_the_defaults_and_edges():
     damo.check_args(damo.Args(gamma=1.0, tau=1.0, real_ratio=1.0, alpha=0.0, beta=0.0, bc_coef=0.0, n_elites=7))
     with pytest.raises(damo.DamoError, match="--tau 0.0"):
         damo.check_args(damo.Args(tau=0.0))
-    with pytest.raises(damo.DamoError, match="pass one of them"):
-        damo.check_args(damo.Args(soft_actions=2, push_down_next=True))
 
 
 @pytest.mark.parametrize("download", [True, False])
