@@ -35,7 +35,7 @@ Map of the file (top to bottom, in the order of the algorithm):
     2. Data        Minari datasets -> flat arrays, normalised scores (Eq. 10), batches, the buffer S
     3. Networks    EnsembleLinear, dynamics ensemble, termination functions, classifier, critics, actor
     4. Losses      dynamics_loss (Eq. 9), discriminator_loss (Eq. 3), corrected_reward (Eq. 4),
-                   critic_loss (Eqs. 5-6), actor_loss (Eqs. 7, 7b), alpha_loss (Eq. 8)
+                   critic_loss (Eqs. 5-6), actor_loss (Eqs. 7, 7b), temperature_loss (Eq. 8)
     5. damo_update one gradient step: classifier -> r~ -> critics -> actor -> temperature -> targets
     6. train_dynamics, model_rollout, evaluate
     7. Algorithm 1 prepare_data -> fit_dynamics -> train (the loop) -> main
@@ -559,10 +559,10 @@ def actor_loss(critic, actor, log_alpha_ent, s: torch.Tensor, s_data: torch.Tens
     return loss, {"actor_loss": loss, "actor_bc_mse": bc, "entropy": -logp.mean()}, logp.detach()
 
 
-def alpha_loss(log_alpha_ent, logp: torch.Tensor, target_entropy: float):
+def temperature_loss(log_alpha_ent, logp: torch.Tensor, target_entropy: float):
     """Eq. 8: automatic entropy tuning, L = -log alpha_ent * (log pi + target_entropy), target -|A| (SAC)."""
     loss = -(log_alpha_ent * (logp + target_entropy)).mean()
-    return loss, {"alpha_ent_loss": loss, "alpha_ent": log_alpha_ent.exp()}
+    return loss, {"temperature_loss": loss, "alpha_ent": log_alpha_ent.exp()}
 
 
 def bc_loss(actor, s, a):
@@ -574,20 +574,6 @@ def bc_loss(actor, s, a):
 # ====================================================================================================
 # 5. One gradient step of DAMO, in the order of the algorithm (Eqs. 3-8)
 # ====================================================================================================
-
-
-@dataclass
-class LossFns:
-    """The losses damo_update calls. --compile swaps in torch.compile'd versions of the same functions
-    (fused kernels, fewer Python ops per step; the math is unchanged, test_compiled_losses_equal_plain)."""
-
-    disc: Callable = discriminator_loss
-    critic: Callable = critic_loss
-    actor: Callable = actor_loss
-    temperature: Callable = alpha_loss
-
-    def compiled(self) -> "LossFns":
-        return LossFns(*(torch.compile(f) for f in (self.disc, self.critic, self.actor, self.temperature)))
 
 
 @dataclass
@@ -605,7 +591,6 @@ class Agent:
     log_alpha_ent: Optional[torch.Tensor] = None
     alpha_ent_opt: Optional[torch.optim.Optimizer] = None
     target_entropy: float = 0.0
-    losses: LossFns = field(default_factory=LossFns)
 
     # checkpoint key -> field; with state_dict() below, the only code that knows the networks' part of a checkpoint
     MODULES = {"actor": "actor", "dynamics": "dynamics", "discriminator": "disc", "critic": "critic",
@@ -646,8 +631,6 @@ def make_agent(obs_dim: int, act_dim: int, args: Args, device) -> Agent:
     ag.log_alpha_ent = torch.zeros((), device=device, requires_grad=True)
     ag.alpha_ent_opt = torch.optim.Adam([ag.log_alpha_ent], lr=args.alpha_ent_lr)
     ag.target_entropy = -float(act_dim)  # -|A| (SAC)
-    if args.compile:
-        ag.losses = LossFns().compiled()
     return ag
 
 
@@ -666,8 +649,8 @@ def damo_update(ag: Agent, D: dict, N: int, synthetic: "SyntheticBuffer", args: 
     info_d = {}
     if args.beta > 0:  # balanced batch: offline (label 1) vs synthetic (label 0)
         d_off, d_syn = sample_rows(D, N, args.batch_size // 2, device), synthetic.sample(args.batch_size // 2)
-        loss_d, info_d = ag.losses.disc(ag.disc, (d_off["obs"], d_off["act"], d_off["next_obs"]),
-                                            (d_syn["obs"], d_syn["act"], d_syn["next_obs"]))
+        loss_d, info_d = discriminator_loss(ag.disc, (d_off["obs"], d_off["act"], d_off["next_obs"]),
+                                            (d_syn["obs"], d_syn["act"], d_syn["next_obs"]))  # Eq. 3
         sgd_step(ag.disc_opt, loss_d)
     # B = n_real offline rows, then n_syn synthetic rows
     off, syn = sample_rows(D, N, n_real, device), synthetic.sample(n_syn)
@@ -677,16 +660,16 @@ def damo_update(ag: Agent, D: dict, N: int, synthetic: "SyntheticBuffer", args: 
                                            is_syn, args.beta, args.logit_clip)  # Eq. 4
     # few offline rows in B (small real_ratio): the push-up term and Eq. 7b get an offline batch of their own
     offline = sample_rows(D, N, args.batch_size, device) if n_real < args.batch_size // 2 else None
-    loss_q, info_q = ag.losses.critic(ag.critic, ag.critic_target, ag.actor, ag.log_alpha_ent, batch, n_real, offline,
-                                      args.alpha, args.gamma, args.backup_entropy)
+    loss_q, info_q = critic_loss(ag.critic, ag.critic_target, ag.actor, ag.log_alpha_ent, batch, n_real, offline,
+                                 args.alpha, args.gamma, args.backup_entropy)  # Eqs. 5-6
     sgd_step(ag.critic_opt, loss_q)
     s_bc = offline if offline is not None else off
     ag.critic.requires_grad_(False)  # the actor's backward needs dQ/da only, not the critics' weight gradients
-    loss_pi, info_pi, logp = ag.losses.actor(ag.critic, ag.actor, ag.log_alpha_ent, batch["obs"], s_bc["obs"], s_bc["act"],
-                                        args.alpha, args.bc_coef)
+    loss_pi, info_pi, logp = actor_loss(ag.critic, ag.actor, ag.log_alpha_ent, batch["obs"], s_bc["obs"], s_bc["act"],
+                                        args.alpha, args.bc_coef)  # Eqs. 7, 7b
     sgd_step(ag.actor_opt, loss_pi)
     ag.critic.requires_grad_(True)
-    loss_a, info_a = ag.losses.temperature(ag.log_alpha_ent, logp, ag.target_entropy)
+    loss_a, info_a = temperature_loss(ag.log_alpha_ent, logp, ag.target_entropy)  # Eq. 8
     sgd_step(ag.alpha_ent_opt, loss_a)
     with torch.no_grad():  # Polyak averaging of the target critics, in place, one fused call
         torch._foreach_lerp_(list(ag.critic_target.parameters()), list(ag.critic.parameters()), args.tau)
@@ -985,6 +968,7 @@ def main(args: Args, explicit: Optional[set] = None) -> dict:
 
     obs_dim, act_dim = data.D["obs"].shape[1], data.D["act"].shape[1]
     ag = make_agent(obs_dim, act_dim, args, device)
+    compile_losses(args.compile)
     synthetic = None if args.bc else SyntheticBuffer(
         args.rollout_batch_size * args.rollout_length * args.model_retain_rollouts, obs_dim, act_dim, device)
     status = Progress()
@@ -1542,13 +1526,14 @@ def benchmark(args: Args) -> dict:
     n = 50 if device.type == "cpu" else 200
     res = {"device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(), "env": BENCH_ENVS[family],
            "threads": torch.get_num_threads()}
+    res["compile"] = args.compile
+    if args.compile:  # the eager update in the same process first, for the gain of --compile
+        ag_eager = make_agent(obs_dim, act_dim, args, device)
+        res["damo_update_eager_steps_per_s"] = rate(lambda: damo_update(ag_eager, D, N, synthetic, args), n)
+    compile_losses(args.compile)
     res["damo_update_steps_per_s"] = rate(lambda: damo_update(ag, D, N, synthetic, args), n)
     res["sac_update_steps_per_s"] = rate(lambda: damo_update(ag_sac, D, N, synthetic, sac_args), n)
     res["damo_to_sac_ratio"] = res["damo_update_steps_per_s"] / res["sac_update_steps_per_s"]
-    res["compile"] = args.compile
-    if args.compile:  # the eager update in the same process, for the gain of --compile
-        ag_eager = make_agent(obs_dim, act_dim, replace(args, compile=False), device)
-        res["damo_update_eager_steps_per_s"] = rate(lambda: damo_update(ag_eager, D, N, synthetic, args), n)
     X = torch.cat([D["obs"], D["act"]], -1)
     Y = torch.cat([D["next_obs"] - D["obs"], D["rew"][:, None]], -1)
     opt = torch.optim.Adam(ag.dynamics.parameters(), lr=args.dynamics_lr)
@@ -1608,6 +1593,21 @@ def print_benchmark(res: dict, path: str):
     with open(path, "w") as f:
         json.dump(res, f, indent=2)
     print(json.dumps(res))
+
+
+# ----------------------------------------------------------------------------------------------------
+# --compile
+# ----------------------------------------------------------------------------------------------------
+
+
+def compile_losses(on: bool = True):
+    """--compile: rebind this module's four loss functions to torch.compile'd versions of themselves, so
+    that damo_update's calls by name run compiled (fused kernels, fewer Python ops; the same math,
+    test_compiled_losses_equal_plain). on=False restores the plain functions."""
+    g = globals()
+    for name in ("discriminator_loss", "critic_loss", "actor_loss", "temperature_loss"):
+        plain = getattr(g[name], "_torchdynamo_orig_callable", g[name])
+        g[name] = torch.compile(plain) if on else plain
 
 
 # ----------------------------------------------------------------------------------------------------
