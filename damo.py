@@ -891,7 +891,7 @@ def train(args: Args, ag: Agent, data: Data, synthetic: Optional[SyntheticBuffer
     With --bc the same loop trains the behaviour-cloning baseline (no rollouts, actor only)."""
     D, N, device = data.D, data.N, data.D["rew"].device
     total_steps = args.epochs * args.steps_per_epoch
-    global_step = start_step
+    global_step, t_loop = start_step, time.time()
     for global_step in range(start_step + 1, total_steps + 1):
         # ---------------------------------------- ALGO LOGIC ----------------------------------------
         t0 = time.time()
@@ -925,10 +925,12 @@ def train(args: Args, ag: Agent, data: Data, synthetic: Optional[SyntheticBuffer
             hist.last_returns = rets.tolist()
             log.evaluation(global_step, epoch, rets, norm, time.time() - hist.t_start)
             status(f"epoch {epoch}/{args.epochs} step {global_step}: return {rets.mean():.1f} +- {rets.std():.1f}, "
-                   f"score {norm.mean():.1f}, {hist.sps(global_step):.0f} steps/s", force=True)
+                   f"score {norm.mean():.1f}, {hist.sps(global_step):.0f} steps/s, "
+                   f"{time_left(t_loop, global_step - start_step, total_steps - global_step)} left", force=True)
         elif global_step % 100 == 0:
             last = f"{hist.scores[-1]:.1f}" if hist.scores else "-"
-            status(f"step {global_step}/{total_steps}, {hist.sps(global_step):.0f} steps/s, last score {last}")
+            left = time_left(t_loop, global_step - start_step, total_steps - global_step) if hist.scores else "?"
+            status(f"step {global_step}/{total_steps}, {hist.sps(global_step):.0f} steps/s, last score {last}, {left} left")
         if global_step % args.checkpoint_every == 0 or global_step == total_steps:
             log.writer.flush()  # the TensorBoard events up to the checkpoint are on disk with it
             save_checkpoint(os.path.join(log.run_dir, "checkpoint.pt"), global_step, args, ag, data, synthetic, hist)
@@ -1627,6 +1629,12 @@ class Progress:
             self.last = now
             end = "\n" if force else ""
             print(f"\r{text:<110}", end=end, file=sys.stderr, flush=True)
+
+
+def time_left(t0: float, done: int, remaining: int) -> str:
+    """Projected wall time of the remaining steps at the pace since t0 (updates, rollouts and evaluations)."""
+    s = (time.time() - t0) / max(done, 1) * remaining
+    return f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.0f} min" if s >= 90 else f"{s:.0f} s"
 
 
 def package_versions() -> dict:
