@@ -55,6 +55,7 @@ import random
 import re
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Optional
@@ -266,6 +267,9 @@ def load_dataset(env_id: str, download: bool = True) -> tuple[dict, dict, gym.En
                 # bootstrap mask: terminations only; a time-limit truncation must still bootstrap
                 terminals=np.asarray(ep.terminations, dtype=np.float32),
             ))
+    if sum(len(p["rewards"]) for p in parts) == 0:
+        raise DamoError(f"dataset {ids} holds no transitions; regenerate it (make_dataset.py --steps N with N > 0) "
+                        f"or pass another --env-id")
     data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     for k, v in data.items():
         if not np.isfinite(v).all():
@@ -846,11 +850,7 @@ def prepare_data(args: Args, device) -> Data:
 
 def fit_dynamics(args: Args, model: DynamicsEnsemble, data: Data, gen: torch.Generator, log: "RunLog",
                  status: "Progress") -> dict:
-    """Algorithm 1, step 2: train M^ on D (Eq. 9), or load a saved ensemble (--dynamics-path)."""
-    if args.dynamics_path:
-        info = load_dynamics(model, args.dynamics_path, data.obs_mean, data.obs_std, data.info)
-        status(f"dynamics: loaded {args.dynamics_path}, elites {info['elites']}", force=True)
-        return info
+    """Algorithm 1, step 2: train M^ on D (Eq. 9) (main() loads a saved one instead with --dynamics-path)."""
     t0 = time.time()
     D = data.D
     X = torch.cat([D["obs"], D["act"]], -1)  # [N, obs + act]
@@ -958,6 +958,7 @@ def main(args: Args, explicit: Optional[set] = None) -> dict:
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
 
+    check_run_folder(args)  # every input is checked before the run folder is made: a bad one leaves nothing
     t0 = time.time()
     data = prepare_data(args, device)
     hist.timings["data_s"] = time.time() - t0
@@ -966,18 +967,21 @@ def main(args: Args, explicit: Optional[set] = None) -> dict:
     else:
         args = with_env_defaults(args, data.info["env_family"], explicit)
     start_step = 0 if ck is None else int(ck["global_step"])
-    log = RunLog(args, data.info, device, start_step, resumed=ck is not None)
-
     obs_dim, act_dim = data.D["obs"].shape[1], data.D["act"].shape[1]
     ag = make_agent(obs_dim, act_dim, args, device)
     compile_losses(args.compile)
+    status = Progress()
+    if ck is None and args.dynamics_path and not args.bc:  # Algorithm 1, step 2 with a saved M^
+        hist.dynamics = load_dynamics(ag.dynamics, args.dynamics_path, data.obs_mean, data.obs_std, data.info)
+        status(f"dynamics: loaded {args.dynamics_path}, elites {hist.dynamics['elites']}", force=True)
+    log = RunLog(args, data.info, device, start_step, resumed=ck is not None)
+
     synthetic = None if args.bc else SyntheticBuffer(
         args.rollout_batch_size * args.rollout_length * args.model_retain_rollouts, obs_dim, act_dim, device)
-    status = Progress()
     if ck is not None:
         restore_checkpoint(ck, args, ag, data, synthetic, hist)
         status(f"resumed {log.run_dir} at step {start_step} (dynamics from the checkpoint, not retrained)", force=True)
-    elif not args.bc:
+    elif not args.bc and not args.dynamics_path:
         hist.dynamics = fit_dynamics(args, ag.dynamics, data, gen, log, status)
         hist.timings["dynamics_s"] = hist.dynamics.pop("seconds", 0.0)
 
@@ -995,6 +999,7 @@ def main(args: Args, explicit: Optional[set] = None) -> dict:
 # Allowed values of every numeric flag, checked by check_args() before any work starts:
 # (lowest, highest, is the lowest itself allowed). None = unbounded on that side.
 FLAG_RANGES = {
+    "seed": (0, 2**32 - 1, True),  # numpy's seeds are 32-bit
     "threads": (0, None, True), "benchmark_repeats": (1, None, True), "checkpoint_every": (1, None, True),
     "log_every": (1, None, True),
     "n_ensemble": (1, None, True), "n_elites": (1, None, True), "dynamics_hidden": (1, None, True),
@@ -1024,6 +1029,29 @@ def check_args(args: "Args"):
             raise DamoError(f"{flag} {v} is out of range; allowed: {rng}")
     if args.n_elites > args.n_ensemble:
         raise DamoError(f"--n-elites {args.n_elites} is more than --n-ensemble {args.n_ensemble}; allowed: 1..n_ensemble")
+
+
+def check_run_folder(args: "Args"):
+    """Before any work: --runs-dir must be a folder this process can write (or create), and an existing
+    run folder is continued only with --resume, never overwritten. Creates nothing."""
+    runs = os.path.abspath(args.runs_dir)
+    if os.path.exists(runs) and not os.path.isdir(runs):
+        raise DamoError(f"--runs-dir {args.runs_dir} is a file, not a folder; pass a folder for the run folders")
+    parent = runs
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    try:  # a real write, not os.access: it also catches read-only file systems
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".damo-write-check-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise DamoError(f"--runs-dir {args.runs_dir} cannot be written (a file in {parent} could not be created: "
+                        f"{e.strerror or e}); pass a writable folder with --runs-dir") from None
+    if args.run_name and not args.resume:
+        run_dir = os.path.join(args.runs_dir, args.run_name)
+        if os.path.isdir(run_dir) and os.listdir(run_dir):
+            raise DamoError(f"--run-name {args.run_name}: {run_dir} already holds a run. Continue it with --resume "
+                            f"{run_dir} (and a larger --epochs if it finished), or pick another --run-name")
 
 
 def explicit_flags(argv: list[str]) -> set:
@@ -1098,6 +1126,13 @@ def resolve_minari_id(dataset_id: str, download: bool, required: bool = True) ->
 def missing_dataset_message(dataset_id: str, why: str) -> str:
     from minari.storage import get_dataset_path
 
+    if "medium-replay" in dataset_id:  # Minari hosts mujoco/{env}/{simple,medium,expert}-v0, no replay sets
+        return (f"Minari dataset '{dataset_id}' was not found {why}.\nSearched: {get_dataset_path()}.\n"
+                f"Minari's hosted MuJoCo datasets have no medium-replay set (hosted: simple, medium, expert; "
+                f"medium-expert is combined from medium and expert). Build one locally from behaviour policies in "
+                f"training order with make_dataset.py --mix (README 'Data'), e.g.\n  python make_dataset.py "
+                f"--env-id HalfCheetah-v5 --dataset-id {dataset_id} --mix random:20000 "
+                f"assets/policies/halfcheetah-sac-20k.npz:60000 assets/policies/halfcheetah-sac-60k.npz:60000")
     return (
         f"Minari dataset '{dataset_id}' was not found {why}.\n"
         f"Searched: {get_dataset_path()} (set MINARI_DATASETS_PATH to look elsewhere).\n"
@@ -1161,6 +1196,8 @@ def load_d4rl_hdf5(path: str, env_id: str) -> tuple[dict, dict, gym.Env]:
     lengths = {k: len(v) for k, v in raw.items()}
     if len(set(lengths.values())) != 1:
         raise DamoError(f"--dataset-path {path}: arrays have different lengths {lengths}")
+    if lengths["rewards"] == 0:
+        raise DamoError(f"--dataset-path {path} holds no transitions (its arrays have 0 rows); pass a filled D4RL file")
     for k, v in raw.items():
         if not np.isfinite(v).all():
             raise DamoError(f"--dataset-path {path} has {int((~np.isfinite(v)).sum())} non-finite values in '{k}'")
@@ -1364,6 +1401,10 @@ def load_resume(args: Args, explicit: set) -> tuple[dict, Args]:
     command line that contradicts the run (another --env-id, --seed, alpha ...) is an error, not a
     silent override; only RESUME_MAY_CHANGE may differ."""
     run_dir = os.path.normpath(args.resume)
+    if os.path.isfile(run_dir) and os.path.basename(run_dir) == "checkpoint.pt":  # RUN/checkpoint.pt means RUN
+        run_dir = os.path.dirname(run_dir) or "."
+    elif os.path.isfile(run_dir):
+        raise DamoError(f"--resume {run_dir} is a file; pass the run's folder (the one that holds checkpoint.pt)")
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.isfile(path):
         raise DamoError(f"--resume {run_dir}: no checkpoint.pt there (runs write one every --checkpoint-every steps)")
@@ -1382,7 +1423,7 @@ def load_resume(args: Args, explicit: set) -> tuple[dict, Args]:
                         f"flags, or start a new run. May change: "
                         f"{', '.join('--' + f.replace('_', '-') for f in RESUME_MAY_CHANGE[1:])}.")
     new = Args(**{**saved, **{f: getattr(args, f) for f in RESUME_MAY_CHANGE if f in explicit}})
-    new.resume, new.runs_dir, new.run_name = args.resume, os.path.dirname(run_dir) or ".", os.path.basename(run_dir)
+    new.resume, new.runs_dir, new.run_name = run_dir, os.path.dirname(run_dir) or ".", os.path.basename(run_dir)
     if step >= new.epochs * new.steps_per_epoch:
         raise DamoError(f"--resume {run_dir}: the run already finished at step {step}; pass a larger --epochs "
                         f"(now {new.epochs}) to train it further")
@@ -1391,16 +1432,26 @@ def load_resume(args: Args, explicit: set) -> tuple[dict, Args]:
 
 def load_dynamics(model: DynamicsEnsemble, path: str, obs_mean, obs_std, info: dict) -> dict:
     """Load a saved ensemble; it works in normalised coordinates, so it must come from the same data."""
+    if not os.path.isfile(path):
+        raise DamoError(f"--dynamics-path {path}: no such file; pass a run's dynamics.pt or checkpoint.pt")
     try:
         saved = torch.load(path, map_location=obs_mean.device, weights_only=False)
         state, mean, std = saved["dynamics"], saved["obs_mean"], saved["obs_std"]
-        model.load_state_dict(state)
     except Exception as e:
-        raise DamoError(f"--dynamics-path {path}: cannot load a dynamics ensemble from it ({type(e).__name__}: {e})") from None
-    if saved.get("data", {}).get("dataset_ids") != info["dataset_ids"] or not (
+        raise DamoError(f"--dynamics-path {path}: cannot read a dynamics ensemble from it ({type(e).__name__}: {e}); "
+                        f"pass a run's dynamics.pt or checkpoint.pt") from None
+    trained_on = saved.get("data", {}).get("dataset_ids")
+    if trained_on != info["dataset_ids"] or mean.shape != obs_mean.shape or not (
             torch.allclose(mean.to(obs_mean), obs_mean) and torch.allclose(std.to(obs_std), obs_std)):
-        raise DamoError(f"--dynamics-path {path} was trained on {saved.get('data', {}).get('dataset_ids')} "
-                        f"with other normalisation statistics; this run uses {info['dataset_ids']}")
+        raise DamoError(f"--dynamics-path {path} was trained on {trained_on} (other data or normalisation); this run "
+                        f"uses {info['dataset_ids']}. Pass an ensemble trained on this dataset, or drop the flag to "
+                        f"train one")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:  # same data but other sizes
+        raise DamoError(f"--dynamics-path {path}: its ensemble has other sizes than this run's (--n-ensemble "
+                        f"{model.n}, --dynamics-hidden {model.layers[0].weight.shape[-1]}); pass the flags it was "
+                        f"trained with (its run's config.json)") from None
     return {**saved.get("info", {}), "source": os.path.abspath(path), "elites": model.elites.tolist()}
 
 
