@@ -132,16 +132,16 @@ class Args:
     """classifier Adam learning rate (ours)"""
 
     # --- behaviour alignment "ir": critics and actor (Eqs. 5-8) ---
-    alpha: float = 5.0
-    """alpha, weight of the conservative term (Eq. 5) and of Eq. 7b; 0 = "w/o ir"; halfcheetah: 0.5 (ENV_DEFAULTS; ours, docs/evidence.md)"""
-    bc_coef: float = 0.2
-    """eta, the actor's behaviour term has weight alpha * eta (Eq. 7b; 0 = Eq. 7 alone; halfcheetah: 0, ENV_DEFAULTS; ours)"""
+    alpha: Optional[float] = None
+    """alpha, weight of the conservative term (Eq. 5) and of Eq. 7b; 0 = "w/o ir"; default per env: hopper, walker2d 5, halfcheetah 0.5 (ENV_DEFAULTS; ours, docs/evidence.md)"""
+    bc_coef: Optional[float] = None
+    """eta, the actor's behaviour term has weight alpha * eta (Eq. 7b; 0 = Eq. 7 alone); default per env: hopper, walker2d 0.2, halfcheetah 0 (ENV_DEFAULTS; ours)"""
     gamma: float = 0.99
     """discount (MOPO/MOBILE default)"""
     backup_entropy: bool = True
     """-alpha_ent * log pi(a'|s') in the TD target (Eq. 6, SAC's soft value); off: Q estimates the plain return"""
-    tau: float = 0.02
-    """Polyak rate of the target critics (ours, 4x SAC's 0.005; halfcheetah: 0.005, ENV_DEFAULTS; docs/evidence.md)"""
+    tau: Optional[float] = None
+    """Polyak rate of the target critics; default per env: hopper, walker2d 0.02 (ours, 4x SAC's), halfcheetah 0.005 (SAC's) (ENV_DEFAULTS; docs/evidence.md)"""
     batch_size: int = 256
     """B, training batch (SAC default)"""
     actor_lr: float = 1e-4
@@ -208,18 +208,20 @@ class Args:
 # must differ (docs/evidence.md). alpha is the coefficient the paper itself tunes per dataset (its
 # Fig. 5); COMBO's conservative weights differ the same way (5 on hopper, 0.5 on halfcheetah). On
 # HalfCheetah the maximin alone (eta = 0, no Eq. 7b) leaves behaviour cloning behind, but only with
-# SAC's slower target (tau 0.005): at 0.02 its critic diverges within 5k steps. Applied where the flag
-# is not given; config.json records the values a run used.
-ENV_DEFAULTS = {"halfcheetah": {"alpha": 0.5, "bc_coef": 0.0, "tau": 0.005}}
+# SAC's slower target (tau 0.005): at 0.02 its critic diverges within 5k steps. The Args fields are
+# None until the dataset's family is known; a value given on the command line or from Python is kept.
+# config.json records the values a run used; another environment family gets hopper's values.
+ENV_DEFAULTS = {
+    "hopper": {"alpha": 5.0, "bc_coef": 0.2, "tau": 0.02},
+    "walker2d": {"alpha": 5.0, "bc_coef": 0.2, "tau": 0.02},
+    "halfcheetah": {"alpha": 0.5, "bc_coef": 0.0, "tau": 0.005},
+}
 
 
-def with_env_defaults(args: Args, family: str, explicit: Optional[set] = None) -> Args:
-    """args with ENV_DEFAULTS[family] for every field not named in `explicit` (the flags given on the
-    command line; from Python, None means: every field still at its Args() default)."""
-    table = ENV_DEFAULTS.get(family, {})
-    if explicit is None:
-        explicit = {f for f in table if getattr(args, f) != getattr(Args(), f)}
-    return replace(args, **{f: v for f, v in table.items() if f not in explicit})
+def with_env_defaults(args: Args, family: str) -> Args:
+    """args with ENV_DEFAULTS[family] in every field that is still None (not given)."""
+    table = ENV_DEFAULTS.get(family, ENV_DEFAULTS["hopper"])
+    return replace(args, **{f: v for f, v in table.items() if getattr(args, f) is None})
 
 
 # ====================================================================================================
@@ -965,7 +967,7 @@ def main(args: Args, explicit: Optional[set] = None) -> dict:
     if ck is not None:
         check_resume_data(args, ck, data)  # a resumed run keeps the values it was started with
     else:
-        args = with_env_defaults(args, data.info["env_family"], explicit)
+        args = with_env_defaults(args, data.info["env_family"])
     start_step = 0 if ck is None else int(ck["global_step"])
     obs_dim, act_dim = data.D["obs"].shape[1], data.D["act"].shape[1]
     ag = make_agent(obs_dim, act_dim, args, device)
@@ -1547,6 +1549,7 @@ def benchmark(args: Args) -> dict:
     family = args.env_id.split("-")[0] if "/" not in args.env_id else next((e for e in ENVS if f"/{e}/" in args.env_id), "")
     if family not in BENCH_ENVS:
         raise DamoError(f"--benchmark knows the shapes of {', '.join(BENCH_ENVS)}; got --env-id {args.env_id}")
+    args = with_env_defaults(args, family)  # the update timed is the one this env's runs make
     # full-length episodes: the unhealthy-termination is switched off so every episode lasts 1000 steps
     envs = [gym.make(BENCH_ENVS[family], **({} if family == "halfcheetah" else {"terminate_when_unhealthy": False}))
             for _ in range(10)]

@@ -24,6 +24,7 @@ in the dataset's description.
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -62,13 +63,38 @@ class RandomPolicy:
         return self.rng.uniform(self.space.low, self.space.high)
 
 
+class InputError(Exception):
+    """A bad flag or file, found before any rollout: printed as one `error:` line, exit status 2."""
+
+
+POLICY_KEYS = ("W1", "b1", "W2", "b2", "Wmu", "bmu", "Wls", "bls")
+
+
+def load_policy_weights(path: str, env: gym.Env) -> dict:
+    """A behaviour policy's weights, checked against the env it will be rolled in."""
+    if not os.path.isfile(path):
+        raise InputError(f"policy file {path} does not exist; the carried ones are in assets/policies/")
+    try:
+        with np.load(path) as w:
+            p = {k: w[k].astype(np.float64) for k in w.files}
+    except Exception as e:
+        raise InputError(f"policy file {path} is not a .npz of weights ({type(e).__name__}); expected the keys "
+                         f"{', '.join(POLICY_KEYS)} (layout in README)") from None
+    missing = [k for k in POLICY_KEYS if k not in p]
+    if missing:
+        raise InputError(f"policy file {path} lacks {', '.join(missing)}; expected {', '.join(POLICY_KEYS)}")
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    if p["W1"].shape[0] != obs_dim or p["Wmu"].shape[1] != act_dim:
+        raise InputError(f"policy file {path} maps {p['W1'].shape[0]}-d observations to {p['Wmu'].shape[1]}-d actions; "
+                         f"{env.spec.id} has {obs_dim} and {act_dim}. Pass the --env-id the policy was trained in")
+    return p
+
+
 class NumpyPolicy:
     """The behaviour policies' tanh-Gaussian MLP (256-256 ReLU), evaluated with numpy."""
 
-    def __init__(self, path: str, deterministic: bool, rng: np.random.Generator):
-        w = np.load(path)
-        self.p = {k: w[k].astype(np.float64) for k in w.files}
-        self.deterministic, self.rng = deterministic, rng
+    def __init__(self, weights: dict, deterministic: bool, rng: np.random.Generator):
+        self.p, self.deterministic, self.rng = weights, deterministic, rng
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
         p = self.p
@@ -113,21 +139,44 @@ def rollout_episodes(env: gym.Env, policy, steps: int, seed: int, first_id: int 
     return buffers, np.asarray(returns)
 
 
+def check_inputs(args: Args) -> tuple[gym.Env, list]:
+    """Everything that can be wrong with the flags, before any rollout and before anything is written:
+    the env id, the dataset id's form, an existing dataset, the step counts, each policy against the env.
+    Returns the env and the sources [(name, weights or None for random, steps)]."""
+    import minari
+
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)*-v\d+", args.dataset_id):
+        raise InputError(f"--dataset-id '{args.dataset_id}' is not a Minari id; expected namespace/name-vN, "
+                         f"e.g. mujoco/hopper/medium-v0 (damo.py's short id hopper-medium finds that one)")
+    root = minari.storage.get_dataset_path()
+    if os.path.exists(os.path.join(root, args.dataset_id)) and not args.overwrite:
+        raise InputError(f"dataset {args.dataset_id} already exists under {root}; pass --overwrite to replace it, or "
+                         f"another --dataset-id")
+    try:
+        env = gym.make(args.env_id)
+    except gym.error.Error as e:
+        raise InputError(f"--env-id {args.env_id}: {e} (the carried policies are for Hopper-v5, HalfCheetah-v5 "
+                         f"and Walker2d-v5)") from None
+    sources = parse_mix(args.mix) if args.mix else [(args.policy, args.steps)]
+    if not args.mix and args.steps < 1:
+        raise InputError(f"--steps {args.steps}: a dataset needs at least 1 step")
+    return env, [(s, None if s == "random" else load_policy_weights(s, env), n) for s, n in sources]
+
+
 def make_dataset(args: Args):
     import minari
 
+    env, sources = check_inputs(args)
     if args.overwrite:
         try:
             minari.delete_dataset(args.dataset_id)
         except (FileNotFoundError, ValueError):
             pass
-    env = gym.make(args.env_id)
-    sources = parse_mix(args.mix) if args.mix else [(args.policy, args.steps)]
     rng = np.random.default_rng(args.seed)
     t0 = time.time()
     buffers, returns, parts = [], [], []
-    for i, (source, steps) in enumerate(sources):
-        policy = RandomPolicy(env.action_space, rng) if source == "random" else NumpyPolicy(source, args.deterministic, rng)
+    for i, (source, weights, steps) in enumerate(sources):
+        policy = RandomPolicy(env.action_space, rng) if weights is None else NumpyPolicy(weights, args.deterministic, rng)
         # each source's episodes get seeds of their own (1000 apart), so that no two sources share a reset
         b, r = rollout_episodes(env, policy, steps, args.seed + 1000 * i, first_id=len(buffers))
         buffers, returns = buffers + b, returns + r.tolist()
@@ -158,14 +207,21 @@ def parse_mix(items) -> list[tuple[str, int]]:
     for item in items:
         source, _, steps = item.rpartition(":")
         if not source or not steps.isdigit() or int(steps) < 1:
-            raise SystemExit(f"error: --mix item '{item}' is not SOURCE:STEPS (e.g. random:20000 or policy.npz:60000)")
+            raise InputError(f"--mix item '{item}' is not SOURCE:STEPS with STEPS >= 1 (e.g. random:20000 or "
+                             f"policy.npz:60000)")
         if source != "random" and not os.path.isfile(source):
-            raise SystemExit(f"error: --mix item '{item}': no policy file {source}")
+            raise InputError(f"--mix item '{item}': no policy file {source}")
         sources.append((source, int(steps)))
     return sources
 
 
 if __name__ == "__main__":
+    import sys
+
     import tyro
 
-    make_dataset(tyro.cli(Args))
+    try:
+        make_dataset(tyro.cli(Args))
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

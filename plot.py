@@ -45,7 +45,7 @@ def variant_label(args: dict, family: str = "") -> str:
     """DAMO / w/o er / w/o ir / BC, plus every knob that differs from damo.py's defaults for that env."""
     import damo
 
-    d = damo.with_env_defaults(damo.Args(), family, explicit=set())
+    d = damo.with_env_defaults(damo.Args(), family)
     if args.get("bc"):
         return "BC"
     alpha, beta = args.get("alpha", d.alpha), args.get("beta", d.beta)

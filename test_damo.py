@@ -68,7 +68,7 @@ def test_make_dataset_mix_of_sources(tmp_path, monkeypatch):
     assert 300 in lengths  # the random source ends exactly at its 300 steps, then the policy's episodes
     k = int(np.searchsorted(lengths, 300))
     assert np.mean(returns[: k + 1]) < np.mean(returns[k + 1:])  # random actions fall at once; the policy hops
-    with pytest.raises(SystemExit, match="random:lots"):
+    with pytest.raises(make_dataset.InputError, match="random:lots"):
         make_dataset.parse_mix(["random:lots"])
 
 
@@ -383,12 +383,11 @@ def test_eval_every_evaluates_every_kth_epoch_and_the_last(minari_root, tmp_path
 
 def test_env_defaults_apply_only_where_the_flag_is_not_given():
     a = damo.Args()
-    assert damo.with_env_defaults(a, "halfcheetah", explicit=set()).alpha == 0.5
-    assert damo.with_env_defaults(a, "halfcheetah", explicit={"alpha"}).alpha == 5.0  # --alpha 5 given
-    assert damo.with_env_defaults(a, "hopper", explicit=set()).alpha == 5.0
-    assert damo.with_env_defaults(damo.Args(alpha=2.0), "halfcheetah").alpha == 2.0  # from Python: non-default kept
     assert damo.with_env_defaults(a, "halfcheetah").alpha == 0.5
-    hc = damo.with_env_defaults(a, "halfcheetah", explicit={"bc_coef"})  # --bc-coef 0.2 given: Eq. 7b kept
+    assert damo.with_env_defaults(damo.Args(alpha=5.0), "halfcheetah").alpha == 5.0  # given, though hopper's value
+    assert damo.with_env_defaults(a, "hopper").alpha == 5.0
+    assert damo.with_env_defaults(a, "mujoco-ant").alpha == 5.0  # another family: hopper's values
+    hc = damo.with_env_defaults(damo.Args(bc_coef=0.2), "halfcheetah")  # Eq. 7b kept where given
     assert (hc.alpha, hc.bc_coef, hc.tau) == (0.5, 0.2, 0.005)
     import plot
 
@@ -401,7 +400,7 @@ def test_env_defaults_apply_only_where_the_flag_is_not_given():
 def asdict_args(**kw) -> dict:
     from dataclasses import asdict
 
-    return asdict(damo.Args(**kw))
+    return asdict(damo.with_env_defaults(damo.Args(**kw), "hopper"))  # unspecified: the values a run records
 
 
 def test_cli_unknown_env_id(tmp_path):
@@ -878,7 +877,7 @@ def test_compiled_losses_equal_plain():
     old = inductor_config.fallback_random
     inductor_config.fallback_random = True  # compiled random ops draw eager's numbers, so both paths see the same noise
     try:
-        args = damo.Args(hidden=32, disc_hidden=32, dynamics_hidden=32, batch_size=64)
+        args = damo.with_env_defaults(damo.Args(hidden=32, disc_hidden=32, dynamics_hidden=32, batch_size=64), "hopper")
         torch.manual_seed(0)
         plain = damo.make_agent(11, 3, args, "cpu")
         fast = damo.make_agent(11, 3, args, "cpu")
