@@ -7,6 +7,7 @@ env and writing the episodes with Minari's own API, under a temporary MINARI_DAT
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -69,6 +70,45 @@ def minari_root(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def run_many(script: str, argvs: list[list[str]], root, timeout=600) -> list[tuple[int, str]]:
+    """Run `script`'s __main__ once per argv, all in one child process (the imports are paid once):
+    [(exit status, stderr)] per argv. An exception other than SystemExit escapes as a traceback in the
+    stderr of its call, which the tests reject."""
+    code = f"""
+import contextlib, io, json, runpy, sys, traceback
+out = []
+for argv in {argvs!r}:
+    sys.argv = [{script!r}, *argv]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            runpy.run_path({str(HERE / script)!r}, run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        except BaseException:
+            traceback.print_exc(file=err)
+            code = "traceback"
+    out.append([code, err.getvalue()])
+print(json.dumps(out))
+"""
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(root), **OFFLINE_ENV, "PYTHONWARNINGS": "ignore"}
+    p = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=timeout, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return [tuple(r) for r in json.loads(p.stdout.splitlines()[-1])]
+
+
+def error_line(code, err: str, *must: str) -> str:
+    """Assert the contract of a refused input: exit status 2, no traceback, one `error:` message (from its
+    line to the end of stderr) holding every string in `must`."""
+    assert code == 2 and "Traceback" not in err, (code, err[-1500:])
+    assert err.count("error:") == 1, err[-1500:]
+    message = err[err.index("error:"):]
+    for m in must:
+        assert m in message, (m, message)
+    return message
 
 
 def run_cli(args: list[str], root, timeout=600, script="damo.py"):

@@ -790,22 +790,31 @@ def make_eval_envs(env: gym.Env, n: int) -> list[gym.Env]:
 
 
 @torch.no_grad()
-def evaluate(actor: Actor, envs: list[gym.Env], seed: int, obs_mean, obs_std, device) -> np.ndarray:
+def evaluate(actor: Actor, envs: list[gym.Env], seed: int, obs_mean, obs_std, device, pick: Optional[Callable] = None,
+             record: Optional[list] = None) -> np.ndarray:
     """Deterministic policy tanh(mu) in the real env: one episode per env, episode k in envs[k] reset
     with seed + k, all stepped in lockstep with one batched actor forward per step; raw returns [k].
     The forward runs in float64 on a copy of the actor: float32 matmuls of 1 row and of 10 rows round
     differently (~6e-8), which the simulator amplifies, so in float32 an episode's return would depend
     on how many episodes share the batch; in float64 it is the one-episode-at-a-time return
-    (test_batched_evaluation_equals_sequential)."""
+    (test_batched_evaluation_equals_sequential).
+    pick: another way to act, normalised float64 states [n, obs] -> actions [n, act] (plot.py diagnose:
+    the critic's choice); record: a list that receives, per episode, its (obs, act, next_obs, reward) steps."""
     pi = copy.deepcopy(actor).double()
+    pick = pick or pi.act
     mean, std = obs_mean.double(), obs_std.double()
     obs = np.stack([env.reset(seed=seed + k)[0] for k, env in enumerate(envs)]).astype(np.float64)
     returns, running = np.zeros(len(envs)), np.ones(len(envs), dtype=bool)
+    if record is not None:
+        record[:] = [[] for _ in envs]
     while running.any():
         live = np.flatnonzero(running)
-        act = pi.act((torch.as_tensor(obs[live], device=device) - mean) / std).cpu().numpy()
+        act = pick((torch.as_tensor(obs[live], device=device) - mean) / std).cpu().numpy()
         for k, a in zip(live, act):
-            obs[k], r, term, trunc, _ = envs[k].step(a)
+            o2, r, term, trunc, _ = envs[k].step(a)
+            if record is not None:
+                record[k].append((obs[k].copy(), a, o2, float(r)))
+            obs[k] = o2
             returns[k] += r
             running[k] = not (term or trunc)
     return returns
@@ -1033,22 +1042,28 @@ def check_args(args: "Args"):
         raise DamoError(f"--n-elites {args.n_elites} is more than --n-ensemble {args.n_ensemble}; allowed: 1..n_ensemble")
 
 
-def check_run_folder(args: "Args"):
-    """Before any work: --runs-dir must be a folder this process can write (or create), and an existing
-    run folder is continued only with --resume, never overwritten. Creates nothing."""
-    runs = os.path.abspath(args.runs_dir)
-    if os.path.exists(runs) and not os.path.isdir(runs):
-        raise DamoError(f"--runs-dir {args.runs_dir} is a file, not a folder; pass a folder for the run folders")
-    parent = runs
+def check_writable(folder: str, flag: str):
+    """A folder this process can write files in (or create): a real write in it or in its nearest existing
+    parent, not os.access, which says yes to root on a read-only file system. Creates nothing."""
+    folder = os.path.abspath(folder)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise DamoError(f"{flag} {folder} is a file, not a folder; pass a folder")
+    parent = folder
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    try:  # a real write, not os.access: it also catches read-only file systems
+    try:
         fd, probe = tempfile.mkstemp(dir=parent, prefix=".damo-write-check-")
         os.close(fd)
         os.remove(probe)
     except OSError as e:
-        raise DamoError(f"--runs-dir {args.runs_dir} cannot be written (a file in {parent} could not be created: "
-                        f"{e.strerror or e}); pass a writable folder with --runs-dir") from None
+        raise DamoError(f"{flag} {folder} cannot be written (a file in {parent} could not be created: "
+                        f"{e.strerror or e}); pass a writable folder") from None
+
+
+def check_run_folder(args: "Args"):
+    """Before any work: --runs-dir must be writable, and an existing run folder is continued only with
+    --resume, never overwritten. Creates nothing."""
+    check_writable(args.runs_dir, "--runs-dir")
     if args.run_name and not args.resume:
         run_dir = os.path.join(args.runs_dir, args.run_name)
         if os.path.isdir(run_dir) and os.listdir(run_dir):

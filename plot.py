@@ -68,8 +68,12 @@ def read_run(path: str) -> dict:
     steps = np.array([int(r["global_step"]) for r in rows])
     score = np.array([float(r["normalized_score"]) for r in rows])
     ret = np.array([float(r["return_mean"]) for r in rows])
-    if not (np.all(np.diff(steps) > 0) and np.isfinite(ret).all()):
-        raise ValueError("eval.csv is not a clean series")
+    if not np.all(np.diff(steps) > 0):
+        raise ValueError("eval.csv is not a clean series (steps do not increase)")
+    bad = steps[~(np.isfinite(ret) & np.isfinite(score))]
+    if len(bad):
+        raise ValueError(f"eval.csv has non-finite returns or scores (nan/inf) at steps {bad.tolist()[:5]}; "
+                         f"the run diverged or the file was edited")
     return {"path": path, "env_id": cfg["args"]["env_id"], "variant": variant_label(cfg["args"], cfg.get("data", {}).get("env_family", "")),
             "seed": cfg["args"]["seed"], "steps": steps, "score": score, "return": ret,
             "finished": os.path.exists(os.path.join(path, "results.json"))}
@@ -190,33 +194,24 @@ def diagnose(run: str, out: str | None = None, n: int = 2000, episodes: int = 5,
     term_fn = damo.termination_fn_for(info["env_family"], data)
     syn = damo.model_rollout(dyn, actor, offline["obs"], a.rollout_length, term_fn, mean, std)
 
-    @torch.no_grad()
-    def episode(k: int, pick) -> tuple[list, list]:
-        """One real episode from start state k, acting with pick(s); its (s, a, s') and rewards."""
-        o, _ = env.reset(seed=seed + 20_000 + k)
-        steps, rews, done = [], [], False
-        while not done:
-            s = norm(o)
-            act = pick(s)
-            o, r, term, trunc, _ = env.step(act.numpy())
-            steps.append((s, act, norm(o)))
-            rews.append(float(r))
-            done = term or trunc
-        return steps, rews
+    # real: the trained policy (deterministic, as evaluated) in the real env, with damo.py's own
+    # evaluation and episode seeds (the run's first `episodes` evaluation episodes); discounted MC returns
+    envs = damo.make_eval_envs(env, episodes)
+    ep_seed = a.seed + 10_000
 
-    # real: the trained policy (deterministic, as evaluated) in the real env; discounted MC returns
-    real = {"obs": [], "act": [], "next_obs": []}
-    q0, mc, t_real, returns = [], [], [], []
-    for k in range(episodes):
-        steps, rews = episode(k, actor.act)
-        for key, v in zip(real, zip(*steps)):
-            real[key] += v
-        t_real += range(len(rews))
-        with torch.no_grad():
-            q0.append(float(critic(steps[0][0][None], steps[0][1][None]).min(0).values))
-        mc.append(float(sum(a.gamma ** t * r for t, r in enumerate(rews))))
-        returns.append(float(sum(rews)))
-    real = {k: torch.stack(v) for k, v in real.items()}
+    def transitions(rec):  # the episodes' steps as normalised float32 tensors
+        steps = [s for ep in rec for s in ep]
+        return {"obs": norm(np.stack([s[0] for s in steps])), "act": torch.as_tensor(np.stack([s[1] for s in steps])).float(),
+                "next_obs": norm(np.stack([s[2] for s in steps]))}
+
+    rec = []
+    returns = damo.evaluate(actor, envs, ep_seed, mean, std, "cpu", record=rec).tolist()
+    real = transitions(rec)
+    t_real = [t for ep in rec for t in range(len(ep))]
+    with torch.no_grad():
+        first = transitions([ep[:1] for ep in rec])
+        q0 = critic(first["obs"], first["act"]).min(0).values.tolist()
+    mc = [float(sum(a.gamma ** t * s[3] for t, s in enumerate(ep))) for ep in rec]
 
     # Does the critic know better actions than the actor takes? At every step pick, among pi(s) and
     # k - 1 Gaussian perturbations of it (std sigma), the action with the highest min_j Q_j, in the same
@@ -225,12 +220,16 @@ def diagnose(run: str, out: str | None = None, n: int = 2000, episodes: int = 5,
     k_cand, sigma = 32, 0.3
     gen = torch.Generator().manual_seed(seed)
 
-    def critic_pick(s):
-        mu_a = actor.act(s)
-        cand = torch.cat([mu_a[None], (mu_a + sigma * torch.randn(k_cand - 1, act_dim, generator=gen)).clamp(-1, 1)])
-        return cand[critic(s.expand(k_cand, -1), cand).min(0).values.argmax()]
+    def critic_pick(s):  # s [n, obs] float64 -> [n, act]
+        s = s.float()
+        mu_a = actor.act(s)  # [n, act]
+        noise = sigma * torch.randn(len(s), k_cand - 1, act_dim, generator=gen)
+        cand = torch.cat([mu_a[:, None], (mu_a[:, None] + noise).clamp(-1, 1)], 1)  # [n, k, act]
+        q = critic(s[:, None].expand(-1, k_cand, -1).reshape(-1, s.shape[1]), cand.reshape(-1, act_dim))
+        best = q.min(0).values.view(len(s), k_cand).argmax(1)
+        return cand[torch.arange(len(s)), best].double()
 
-    filtered = [sum(episode(k, critic_pick)[1]) for k in range(episodes)]
+    filtered = damo.evaluate(actor, envs, ep_seed, mean, std, "cpu", pick=critic_pick).tolist()
 
     def feats(d):
         return torch.cat([d["obs"], d["act"], d["next_obs"] - d["obs"]], -1).numpy()
@@ -268,7 +267,7 @@ def diagnose(run: str, out: str | None = None, n: int = 2000, episodes: int = 5,
         "overestimation_mean": float(np.mean(np.array(q0) - np.array(mc))),
         "disc_p_offline": p, "episodes": episodes, "real_return_mean_discounted": float(np.mean(mc)),
         "real_states_nearest_source": visits,
-        "real_return_mean": float(np.mean(returns)), "q_filtered_return_mean": float(np.mean(filtered)),
+        "real_return_mean": float(np.mean(returns)), "real_returns": returns, "q_filtered_return_mean": float(np.mean(filtered)),
         "q_filtered": f"best of pi(s) and {k_cand - 1} perturbations (std {sigma}) by min_j Q_j, same start states",
     }
     out = out or os.path.join(run, "diagnostics")
@@ -391,9 +390,21 @@ def main(argv: list[str]) -> int:
     if argv and not argv[0].startswith("-"):
         argv = ["--runs", argv[0], *argv[1:]]
     args = tyro.cli(CurveArgs, args=argv)
+    import damo
+
+    if not os.path.isdir(args.runs):
+        print(f"error: the runs folder {args.runs} does not exist; pass the --runs-dir your runs were written to",
+              file=sys.stderr)
+        return 2
+    try:
+        damo.check_writable(os.path.dirname(os.path.abspath(args.out)), "--out")
+    except damo.DamoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     runs = find_runs(args.runs)
     if not runs:
-        print(f"error: no readable runs under {args.runs}", file=sys.stderr)
+        print(f"error: no readable runs under {args.runs} (a run folder holds config.json and eval.csv with at "
+              f"least one evaluation)", file=sys.stderr)
         return 2
     paths = plot_curves(runs, args.out, args.band, args.metric)
     print(summary_table(runs))

@@ -9,9 +9,11 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import gymnasium as gym
@@ -21,7 +23,7 @@ import torch
 
 import damo
 
-from conftest import HERE, OFFLINE_ENV, POLICIES, build, flags, run_cli
+from conftest import HERE, OFFLINE_ENV, POLICIES, build, error_line, flags, run_cli, run_many
 
 TINY = flags()  # the tiny run's flags (conftest.TINY) as a CLI list
 
@@ -291,19 +293,35 @@ def test_tanh_gaussian_log_prob_is_a_density():
 
 
 def test_model_rollout_uses_elites_and_stops_terminated_branches():
+    """Every member is made constant: s' = s, reward 100 * (member index), tiny noise. The rewards then
+    show which members ran (all five elites, never another member), and with normalisation statistics
+    that are not the identity, termination is only right on de-normalised observations."""
     torch.manual_seed(0)
     model = damo.DynamicsEnsemble(11, 3, 7, 16, 5)
     model.elites.copy_(torch.tensor([0, 2, 3, 5, 6]))
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        model.head.bias[..., 11] = 100.0 * torch.arange(7.0)[:, None]  # the reward mean of member k
+        model.head.bias[..., 12:] = -20.0  # log-variance at its lower bound: std ~ 0.007
     actor = damo.Actor(11, 3, 16)
     mean, std = torch.zeros(11), torch.ones(11)
+    mean[0], std[0] = 1.0, 0.5  # raw height = 1 + 0.5 * normalised height
     start = torch.zeros(1000, 11)
-    start[:, 0] = 1.2  # healthy hopper height
-    out = damo.model_rollout(model, actor, start, 3, damo.hopper_termination, mean, std, chunk=300)
+    start[:500, 0] = 0.4  # raw 1.2: healthy, these branches run all 3 steps
+    start[500:, 0] = -1.0  # raw 0.5: fallen, these stop after their first step
+    out = damo.model_rollout(model, actor, start, 3, damo.hopper_termination, mean, std)  # rows: step 1, 2, 3
+    chunked = damo.model_rollout(model, actor, start, 3, damo.hopper_termination, mean, std, chunk=300)
+    assert chunked["rew"].shape[0] == out["rew"].shape[0] and chunked["done"].sum() == out["done"].sum() == 500
     n = out["rew"].shape[0]
-    assert all(v.shape[0] == n for v in out.values()) and 1000 <= n <= 3000
+    assert all(v.shape[0] == n for v in out.values())
+    assert n == 1000 + 2 * 500  # step 1 for all, steps 2-3 for the healthy half only
+    members = torch.round(out["rew"] / 100).long()
+    assert set(members.tolist()) == {0, 2, 3, 5, 6}  # each elite, and no other member
+    assert torch.equal(out["done"][:1000].bool(), torch.arange(1000) >= 500)
+    assert not out["done"][1000:].bool().any()
     # a terminated branch never appears again: rows after step 1 all start from non-terminal states
     assert not damo.hopper_termination(out["obs"][1000:] * std + mean).any()
-    assert torch.equal(out["done"].bool(), damo.hopper_termination(out["next_obs"]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -418,37 +436,104 @@ BAD_FLAGS = [("--rollout-length", "0"), ("--batch-size", "0"), ("--n-elites", "9
 
 def test_cli_bad_flag_values_exit_2_before_any_work(tmp_path):
     """Each value that cannot work: exit 2, one `error:` line naming the flag and value, no traceback, no
-    run folder. damo.py's __main__ block runs once per value (runpy, in one child process so that the
-    imports are paid once); an exception other than SystemExit would escape as a traceback."""
-    code = f"""
-import contextlib, io, json, runpy, sys
-out = []
-for flag, value in {BAD_FLAGS!r}:
-    sys.argv = ["damo.py", flag, value, "--runs-dir", {str(tmp_path / "runs")!r}]
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            runpy.run_path("damo.py", run_name="__main__")
-            code = 0
-        except SystemExit as e:
-            code = e.code
-    out.append([flag, value, code, err.getvalue()])
-print(json.dumps(out))
-"""
-    p = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, **OFFLINE_ENV, "MINARI_DATASETS_PATH": str(tmp_path)})
-    assert p.returncode == 0, p.stderr[-3000:]
-    results = json.loads(p.stdout.splitlines()[-1])
-    assert len(results) == len(BAD_FLAGS)
-    for flag, value, code, err in results:
-        assert code == 2, (flag, value, err[-500:])
-        assert "Traceback" not in err, (flag, err[-500:])
-        line = next(l for l in err.splitlines() if l.startswith("error:"))
-        assert flag in line and value in line and "allowed" in line, (flag, line)
+    run folder."""
+    results = run_many("damo.py", [[flag, value, "--runs-dir", str(tmp_path / "runs")] for flag, value in BAD_FLAGS],
+                       tmp_path)
+    for (flag, value), (code, err) in zip(BAD_FLAGS, results):
+        error_line(code, err, flag, value, "allowed")
     assert not (tmp_path / "runs").exists()
     # and once as a user meets it, in a process of its own
     p = run_cli(["--batch-size", "0", "--runs-dir", str(tmp_path / "runs")], tmp_path)
     assert p.returncode == 2 and "Traceback" not in p.stderr and "error: --batch-size 0" in p.stderr
+
+
+def test_cli_bad_inputs_fail_before_the_run_folder_exists(minari_root, e2e_run, tmp_path):
+    """Data, --dynamics-path, --resume, --runs-dir, --run-name and --seed: each bad one is refused with
+    exit 2 and one error line that names it, and leaves nothing behind (no run folder, the old run intact)."""
+    import minari
+
+    import h5py
+
+    with h5py.File(tmp_path / "hopper_empty-v2.hdf5", "w") as f:  # D4RL's layout, 0 rows
+        for k in damo.D4RL_KEYS:
+            f[k] = np.zeros((0, 11) if "observations" in k else (0, 3) if k == "actions" else (0,), np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        minari.create_dataset_from_buffers(dataset_id="mujoco/hopper/empty-v0", buffer=[], env="Hopper-v5",
+                                           algorithm_name="none", author="test", description="0 steps")
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "old").mkdir()
+    shutil.copytree(e2e_run, tmp_path / "old" / "e2e")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "old" / "e2e").iterdir()}
+    tiny = [*flags(), "--no-download"]
+    runs = str(tmp_path / "runs")
+    cases = [
+        (["--dataset-path", str(tmp_path / "hopper_empty-v2.hdf5"), "--env-id", "hopper-medium"], ["no transitions", "0 rows"]),
+        (["--env-id", "mujoco/hopper/empty-v0"], ["no transitions", "make_dataset.py"]),
+        (["--dynamics-path", str(tmp_path / "missing.pt")], ["--dynamics-path", "no such file"]),
+        (["--env-id", "mujoco/hopper/medium-v0", "--dynamics-path", str(e2e_run / "dynamics.pt")],
+         ["--dynamics-path", "expert-v0", "drop the flag"]),  # an ensemble of other data
+        (["--dynamics-path", str(e2e_run / "eval.csv")], ["--dynamics-path", "cannot read"]),
+        (["--dynamics-path", str(e2e_run / "dynamics.pt"), "--dynamics-hidden", "64"], ["other sizes", "--dynamics-hidden"]),
+        (["--runs-dir", "/proc/damo-runs"], ["--runs-dir", "cannot be written"]),
+        (["--runs-dir", str(tmp_path / "a_file")], ["--runs-dir", "is a file"]),
+        (["--runs-dir", str(tmp_path / "old"), "--run-name", "e2e"], ["--run-name e2e", "--resume"]),
+        (["--seed", "-1"], ["--seed -1", "allowed"]),
+        (["--resume", str(tmp_path / "old" / "e2e" / "eval.csv")], ["--resume", "is a file", "folder"]),
+        (["--resume", str(tmp_path / "old" / "e2e" / "checkpoint.pt")], ["already finished at step 200", "--epochs"]),
+        (["--env-id", "hopper-medium-replay"], ["medium-replay", "make_dataset.py --mix"]),
+    ]
+    argvs = [argv if "--resume" in argv else [*tiny, *argv] if "--runs-dir" in argv else [*tiny, "--runs-dir", runs, *argv]
+             for argv, _ in cases]
+    for (argv, must), (code, err) in zip(cases, run_many("damo.py", argvs, minari_root)):
+        error_line(code, err, *must)
+    assert not (tmp_path / "runs").exists() and not os.path.exists("/proc/damo-runs")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "old" / "e2e").iterdir()} == before
+    assert sorted(os.listdir(tmp_path / "old")) == ["e2e"]
+
+
+def test_make_dataset_bad_inputs_fail_before_any_rollout(tmp_path):
+    """make_dataset.py: the env id, the dataset id's form, the step count, the policy against the env and
+    an existing id are all checked before the first rollout; nothing is written."""
+    (tmp_path / "text.npz").write_text("not weights")
+    hop, hc = str(POLICIES / "hopper-medium.npz"), str(POLICIES / "halfcheetah-sac-20k.npz")
+    root = tmp_path / "minari"
+    cases = [
+        (["--policy", str(tmp_path / "missing.npz")], ["missing.npz", "does not exist"]),
+        (["--policy", str(tmp_path / "text.npz")], ["text.npz", "not a .npz"]),
+        (["--policy", hc], ["17-d observations", "Hopper-v5 has 11", "--env-id"]),
+        (["--env-id", "Hoper-v5", "--policy", hop], ["--env-id Hoper-v5", "Hopper"]),
+        (["--dataset-id", "hopper-medium", "--policy", hop], ["--dataset-id 'hopper-medium'", "namespace/name-vN"]),
+        (["--steps", "0"], ["--steps 0"]),
+        (["--steps", "-5"], ["--steps -5"]),
+        (["--mix", "random:0"], ["random:0", "STEPS >= 1"]),
+        (["--dataset-id", "mujoco/hopper/exists-v0", "--steps", "10000000"], ["already exists", "--overwrite"]),
+    ]
+    argvs = [["--dataset-id", "mujoco/hopper/new-v0", "--steps", "20", *argv] for argv, _ in cases]
+    os.makedirs(root / "mujoco" / "hopper" / "exists-v0")
+    t0 = time.time()
+    for (argv, must), (code, err) in zip(cases, run_many("make_dataset.py", argvs, root)):
+        error_line(code, err, *must)
+    assert time.time() - t0 < 120  # the existing id is refused before 10M steps are rolled
+    assert sorted(os.listdir(root / "mujoco" / "hopper")) == ["exists-v0"]  # nothing new, no empty folder
+    assert not (root / "hopper-medium").exists()
+
+
+def test_plot_bad_inputs(minari_root, e2e_run, tmp_path):
+    """plot.py: non-finite scores are refused (the run skipped with its reason; none left: exit 2), an
+    unwritable --out and a missing runs folder are named."""
+    runs = tmp_path / "runs"
+    shutil.copytree(e2e_run, runs / "nan")
+    with open(runs / "nan" / "eval.csv", "a") as f:
+        f.write("300,3,inf,0,nan,0,1\n")
+    cases = [([str(runs), "--out", str(tmp_path / "c")], ["no readable runs"]),
+             ([str(e2e_run.parent), "--out", "/proc/damo-fig/curves"], ["--out", "cannot be written"]),
+             ([str(tmp_path / "nowhere"), "--out", str(tmp_path / "c")], ["nowhere", "does not exist"])]
+    results = run_many("plot.py", [argv for argv, _ in cases], minari_root)
+    for (argv, must), (code, err) in zip(cases, results):
+        error_line(code, err, *must)
+    assert "non-finite" in results[0][1] and "nan" in results[0][1]
+    assert not list(tmp_path.glob("c.*"))
 
 
 def test_check_args_accepts_the_defaults_and_edges():
@@ -610,6 +695,9 @@ def test_plot_diagnose_writes_figure_and_finite_json(minari_root, e2e_run):
     assert stats["overestimation_mean"] == pytest.approx(stats["q_start_mean"] - stats["mc_return_mean"], abs=1e-6)
     assert all(0 <= x <= 1 for x in stats["disc_p_offline"].values()) and stats["n_real"] > 0
     assert stats["real_return_mean"] > 0 and math.isfinite(stats["q_filtered_return_mean"])
+    # damo.py's own evaluation with its episode seeds: the first episodes are the run's last evaluation
+    last = list(csv.DictReader(open(e2e_run / "eval.csv")))[-1]
+    assert np.mean(stats["real_returns"][:2]) == pytest.approx(float(last["return_mean"]), abs=1e-3)
     visits = stats["real_states_nearest_source"]  # medium-expert: the two sources' shares sum to 1
     assert visits["mujoco/hopper/medium-v0 (all steps)"] + visits["mujoco/hopper/expert-v0 (all steps)"] == pytest.approx(1)
 
