@@ -74,6 +74,19 @@ def test_make_dataset_mix_of_sources(tmp_path, monkeypatch):
         make_dataset.parse_mix(["random:lots"])
 
 
+def test_newest_of_several_local_versions_is_resolved(tmp_path, monkeypatch):
+    """Two local versions (v0, v2) of one name: an id without -vN means the newest; a given version is kept."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for v, seed in ((0, 0), (2, 1)):
+            build(f"mujoco/hopper/versions-v{v}", "hopper-medium.npz", 30, seed)
+    assert damo.resolve_minari_id("mujoco/hopper/versions", download=False) == "mujoco/hopper/versions-v2"
+    assert damo.resolve_minari_id("mujoco/hopper/versions-v0", download=False) == "mujoco/hopper/versions-v0"
+    data, info, _ = damo.load_dataset("mujoco/hopper/versions", download=False)
+    assert info["dataset_ids"] == ["mujoco/hopper/versions-v2"] and len(data["rewards"]) == 30
+
+
 def test_newest_local_version_is_resolved(minari_root):
     assert damo.resolve_minari_id("mujoco/hopper/medium", download=False) == "mujoco/hopper/medium-v0"
     assert damo.resolve_minari_id("mujoco/hopper/medium-v3", download=False) == "mujoco/hopper/medium-v3"
@@ -389,6 +402,53 @@ def test_cli_bc_and_ablation_flags(minari_root, tmp_path):
     assert len(rows) == 2 and all(math.isfinite(float(r["normalized_score"])) for r in rows)
 
 
+def tb_values(run, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run))
+    ea.Reload()
+    return [e.value for e in ea.Scalars(tag)] if tag in ea.Tags()["scalars"] else []
+
+
+def test_cli_ablation_flags_remove_their_terms(minari_root, e2e_run, tmp_path):
+    """--alpha 0 ("w/o ir") leaves no conservative gap and no Eq. 7b error; --beta 0 ("w/o er") trains no
+    classifier and corrects no reward; the default run has both (TensorBoard scalars of each run)."""
+    common = ["--env-id", "hopper-medium-expert", "--no-download", "--runs-dir", str(tmp_path),
+              "--dynamics-path", str(e2e_run / "dynamics.pt"), *flags(epochs=1, log_every=25)]
+    results = run_many("damo.py", [[*common, "--run-name", "wo_ir", "--alpha", "0"],
+                                   [*common, "--run-name", "wo_er", "--beta", "0"]], minari_root)
+    assert [code for code, _ in results] == [0, 0], results
+    assert json.load(open(tmp_path / "wo_ir" / "config.json"))["args"]["alpha"] == 0.0
+    gap, bc = tb_values(tmp_path / "wo_ir", "diagnostics/conservative_gap"), tb_values(tmp_path / "wo_ir", "losses/actor_bc_mse")
+    assert len(gap) == 4 and all(v == 0.0 for v in gap) and all(v == 0.0 for v in bc)
+    assert tb_values(tmp_path / "wo_er", "losses/disc_loss") == []
+    assert all(v == 0.0 for v in tb_values(tmp_path / "wo_er", "diagnostics/reward_bonus_synthetic"))
+    # the default run (the shared tiny run) has both terms
+    assert any(v != 0.0 for v in tb_values(e2e_run, "diagnostics/conservative_gap"))
+    assert any(v != 0.0 for v in tb_values(e2e_run, "diagnostics/reward_bonus_synthetic"))
+    assert len(tb_values(e2e_run, "losses/disc_loss")) > 0
+
+
+def test_cli_env_defaults_apply_where_the_flag_is_not_given(tmp_path, monkeypatch):
+    """On HalfCheetah data: alpha, eta and tau take halfcheetah's values unless given on the command line,
+    where a value equal to another env's default (--alpha 5, hopper's) is kept (config.json of each run)."""
+    root = tmp_path / "minari"
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build("mujoco/halfcheetah/tiny-v0", "halfcheetah-sac-20k.npz", 1000, 0, env_id="HalfCheetah-v5")
+    common = ["--env-id", "mujoco/halfcheetah/tiny-v0", "--bc", "--no-download", "--runs-dir", str(tmp_path / "runs"),
+              *flags(epochs=1, steps_per_epoch=10, eval_episodes=1)]
+    results = run_many("damo.py", [[*common, "--run-name", "plain"], [*common, "--run-name", "given", "--alpha", "5",
+                                                                     "--tau=0.02"]], root)
+    assert [code for code, _ in results] == [0, 0], results
+    plain = json.load(open(tmp_path / "runs" / "plain" / "config.json"))["args"]
+    given = json.load(open(tmp_path / "runs" / "given" / "config.json"))["args"]
+    hc = damo.ENV_DEFAULTS["halfcheetah"]
+    assert (plain["alpha"], plain["bc_coef"], plain["tau"]) == (hc["alpha"], hc["bc_coef"], hc["tau"])
+    assert (given["alpha"], given["bc_coef"], given["tau"]) == (5.0, hc["bc_coef"], 0.02)
+
+
 def test_eval_every_evaluates_every_kth_epoch_and_the_last(minari_root, tmp_path):
     p = run_cli(["--env-id", "mujoco/hopper/medium-v0", "--bc", "--runs-dir", str(tmp_path), "--run-name", "k",
                  "--no-download", *flags(epochs=5, eval_every=2)], minari_root)
@@ -585,6 +645,47 @@ def test_batched_evaluation_equals_sequential(env_id):
     assert len(set(batched.round(6))) == 4  # the seeds differ, so do the episodes
     # and a second call on the same envs gives the same returns again (resets, no leftover state)
     np.testing.assert_array_equal(damo.evaluate(actor, envs, 500, mean, std, "cpu"), batched)
+
+
+@pytest.mark.parametrize("real_ratio", [0.5, 0.05])
+def test_damo_update_batch_mask_and_target_rate(monkeypatch, real_ratio):
+    """One damo_update, its losses watched by name: B holds round(real_ratio * B) offline rows first, then
+    synthetic ones; Eq. 4 corrects exactly the synthetic rows' rewards, by beta * clip(logit D); with
+    few offline rows the push-up term gets an offline batch of its own; the targets move by tau."""
+    torch.manual_seed(0)
+    args = damo.with_env_defaults(damo.Args(hidden=32, disc_hidden=32, dynamics_hidden=32, batch_size=64, beta=0.3,
+                                            logit_clip=0.5, real_ratio=real_ratio, tau=0.1), "hopper")
+    ag = damo.make_agent(11, 3, args, "cpu")
+    N = 300
+    D = {"obs": torch.randn(N, 11), "act": torch.rand(N, 3) * 2 - 1, "rew": torch.full((N,), 1.0),
+         "next_obs": torch.randn(N, 11), "done": torch.zeros(N)}
+    synthetic = damo.SyntheticBuffer(N, 11, 3, "cpu")
+    synthetic.add({**{k: v + 5.0 for k, v in D.items()}, "rew": torch.full((N,), -1.0), "done": torch.zeros(N)})
+    seen = {}
+    plain_critic_loss = damo.critic_loss
+
+    def watch(critic, target, actor, log_alpha_ent, batch, n_real, offline, *rest):
+        seen.update(batch={k: v.clone() for k, v in batch.items()}, n_real=n_real, offline=offline)
+        return plain_critic_loss(critic, target, actor, log_alpha_ent, batch, n_real, offline, *rest)
+
+    monkeypatch.setattr(damo, "critic_loss", watch)
+    target_before = [p.clone() for p in ag.critic_target.parameters()]
+    info = damo.damo_update(ag, D, N, synthetic, args)
+    b, n_real = seen["batch"], seen["n_real"]
+    assert n_real == round(64 * real_ratio) and len(b["rew"]) == 64
+    is_offline = b["obs"].abs().max(1).values < 4.5  # synthetic rows were shifted by +5
+    assert torch.equal(is_offline, torch.arange(64) < n_real)
+    assert torch.equal(b["rew"][:n_real], torch.ones(n_real))  # offline rows keep their reward
+    with torch.no_grad():  # the classifier after its step in this update: Eq. 4 on the synthetic rows
+        logit = ag.disc(b["obs"][n_real:], b["act"][n_real:], b["next_obs"][n_real:]).clamp(-0.5, 0.5)
+    assert torch.allclose(b["rew"][n_real:], -1.0 + 0.3 * logit, atol=1e-6)
+    assert (b["rew"][n_real:] != -1.0).all()
+    assert (seen["offline"] is None) == (real_ratio == 0.5)  # a separate offline batch only when B has few offline rows
+    if seen["offline"] is not None:
+        assert len(seen["offline"]["obs"]) == 64 and (seen["offline"]["obs"].abs().max(1).values < 4.5).all()
+    assert float(info["reward_bonus_synthetic"]) == pytest.approx(float(0.3 * logit.mean()), abs=1e-6)
+    for before, after, online in zip(target_before, ag.critic_target.parameters(), ag.critic.parameters()):
+        assert torch.allclose(after, 0.9 * before + 0.1 * online, atol=1e-6)  # Polyak, tau = 0.1
 
 
 def test_sample_rows_keeps_rows_aligned():
