@@ -92,6 +92,8 @@ class Args:
     # --- dynamics ensemble M^ (Eq. 9) ---
     dynamics_path: Optional[str] = None
     """reuse a trained ensemble (a run's dynamics.pt or checkpoint.pt, same dataset) instead of training one"""
+    dynamics_only: bool = False
+    """train the ensemble, write RUN/dynamics.pt (for --dynamics-path of later runs) and stop before the policy"""
     n_ensemble: int = 7
     """N, ensemble members (MOPO/MOBILE default)"""
     n_elites: int = 5
@@ -995,6 +997,9 @@ def main(args: Args, explicit: Optional[set] = None) -> dict:
     elif not args.bc and not args.dynamics_path:
         hist.dynamics = fit_dynamics(args, ag.dynamics, data, gen, log, status)
         hist.timings["dynamics_s"] = hist.dynamics.pop("seconds", 0.0)
+    if args.dynamics_only:
+        log.close()
+        return {"dynamics_path": os.path.join(log.run_dir, "dynamics.pt"), **hist.dynamics}
 
     global_step = train(args, ag, data, synthetic, hist, log, start_step, status)
     log.close()
@@ -1038,6 +1043,8 @@ def check_args(args: "Args"):
         if not math.isfinite(v) or (lo is not None and (v < lo or (v == lo and not lo_ok))) or (hi is not None and v > hi):
             rng = ("[" if lo_ok else "(") + f"{lo}, " + (f"{hi}]" if hi is not None else "inf)")
             raise DamoError(f"{flag} {v} is out of range; allowed: {rng}")
+    if args.dynamics_only and (args.bc or args.dynamics_path):
+        raise DamoError("--dynamics-only trains an ensemble; it cannot be combined with --bc or --dynamics-path")
     if args.n_elites > args.n_ensemble:
         raise DamoError(f"--n-elites {args.n_elites} is more than --n-ensemble {args.n_ensemble}; allowed: 1..n_ensemble")
 
@@ -1718,22 +1725,29 @@ def package_versions() -> dict:
     return out
 
 
-if __name__ == "__main__":
+def cli(argv: list[str]) -> int:
+    """The command line: parse the flags, run (or --eval-only / --benchmark), and turn a DamoError into one
+    `error:` message and exit status 2. sweep.py calls it for each run of a sweep."""
     import tyro
 
     try:
-        cli_args = tyro.cli(Args)
-        check_args(cli_args)
-        if cli_args.eval_only:
-            eval_only(cli_args)
-        elif cli_args.benchmark:
-            result = benchmark(cli_args)
-            print_benchmark(result, os.path.join(cli_args.runs_dir, f"benchmark_{'cuda' if 'cpu' not in result['device'] else 'cpu'}.json"))
+        args = tyro.cli(Args, args=argv)
+        check_args(args)
+        if args.eval_only:
+            eval_only(args)
+        elif args.benchmark:
+            result = benchmark(args)
+            print_benchmark(result, os.path.join(args.runs_dir, f"benchmark_{'cuda' if 'cpu' not in result['device'] else 'cpu'}.json"))
         else:
-            main(cli_args, explicit_flags(sys.argv[1:]))
+            main(args, explicit_flags(argv))
     except DamoError as e:
         print(f"\nerror: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted: eval.csv and the last checkpoint in the run folder are kept", file=sys.stderr)
-        sys.exit(130)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))
