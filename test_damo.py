@@ -1125,3 +1125,85 @@ def test_resume_without_buffer_in_checkpoint_refills_it(minari_root, e2e_run, tm
     assert [int(r["global_step"]) for r in eval_rows(run)] == [100, 200, 300]
     assert all(math.isfinite(float(r["return_mean"])) for r in eval_rows(run))
     assert json.load(open(run / "results.json"))["resumed_at_steps"] == [200]
+
+
+# --------------------------------------------------------------------------------------------------
+# sweep.py: datasets x variants x seeds on a local Ray (2 CPUs), killed and continued
+# --------------------------------------------------------------------------------------------------
+
+
+SWEEP_FLAGS = [*flags(epochs=6, checkpoint_every=100, threads=None), "--no-download"]
+
+
+def sweep_cmd(sweep_dir) -> list[str]:
+    return [sys.executable, str(HERE / "sweep.py"), "--env-ids", "hopper-medium-expert", "--seeds", "0", "1",
+            "--variants", "damo", "bc", "--sweep-dir", str(sweep_dir), "--num-cpus", "2", "--progress-every", "2",
+            "--", *SWEEP_FLAGS]
+
+
+def test_sweep_survives_a_kill_and_plots(minari_root, tmp_path):
+    """2 seeds x (DAMO, BC) with one shared ensemble. The sweep and its local Ray are killed (SIGKILL to the
+    whole session, as a crashed machine) once a run has finished and a DAMO run has a checkpoint but no
+    result; the same command then finishes without redoing finished work, the interrupted run continues
+    from its checkpoint and equals an uninterrupted run, and plot.py's table and figure cover the sweep."""
+    import signal
+
+    sweep, env = tmp_path / "sweep", {**os.environ, "MINARI_DATASETS_PATH": str(minari_root), **OFFLINE_ENV,
+                                      "PYTHONWARNINGS": "ignore"}
+    runs = sweep / "runs"
+    p = subprocess.Popen(sweep_cmd(sweep), env=env, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    t0, killed_at = time.time(), None
+    try:
+        while time.time() - t0 < 300 and p.poll() is None:
+            done = [r.name for r in runs.glob("*") if (r / "results.json").exists()] if runs.exists() else []
+            half = [r.name for r in runs.glob("*damo*") if (r / "checkpoint.pt").exists() and not (r / "results.json").exists()]
+            if done and half:
+                os.killpg(p.pid, signal.SIGKILL)  # the driver, Ray's head processes ...
+                subprocess.run(["pkill", "-9", "-s", str(p.pid)])  # ... and its workers (their own process groups)
+                killed_at = ({r: (runs / r / "results.json").read_bytes() for r in done}, half)
+                break
+            time.sleep(0.2)
+    finally:
+        subprocess.run(["pkill", "-9", "-s", str(p.pid)])
+    assert killed_at is not None, "the sweep ended before it could be killed midway (runs too short?)"
+    finished_before, interrupted = killed_at
+    q = subprocess.run(sweep_cmd(sweep), env=env, cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert q.returncode == 0, q.stderr[-3000:]
+    assert sorted(r.name for r in runs.iterdir()) == sorted(f"hopper-medium-expert__{v}__{s}" for v in ("damo", "bc")
+                                                            for s in (0, 1))
+    for r, before in finished_before.items():  # not redone: the same result file, one command in its log
+        assert (runs / r / "results.json").read_bytes() == before
+        assert (sweep / "logs" / f"{r}.log").read_text().count("$ python damo.py") == 1
+    assert (sweep / "logs" / "hopper-medium-expert.dynamics.log").read_text().count("$ python damo.py") == 1
+    name = interrupted[0]
+    res = json.load(open(runs / name / "results.json"))
+    assert res["resumed_at_steps"] and res["global_steps"] == 600
+    seed = name.rsplit("__", 1)[1]
+    ref = run_cli([*SWEEP_FLAGS, "--env-id", "hopper-medium-expert", "--seed", seed, "--threads", "1",
+                   "--runs-dir", str(tmp_path / "ref"), "--run-name", "ref",
+                   "--dynamics-path", str(sweep / "dynamics" / "hopper-medium-expert" / "dynamics.pt")], minari_root)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    assert eval_rows(tmp_path / "ref" / "ref") == eval_rows(runs / name)
+    png = (sweep / "curves.png").read_bytes()
+    assert png[:4] == b"\x89PNG" and "| hopper-medium-expert | BC | 2 |" in q.stdout and "| hopper-medium-expert | DAMO" in q.stdout
+    assert "done" in q.stderr and "skipped" in q.stderr  # the progress table
+
+
+def test_sweep_bad_specs_fail_before_anything_starts(minari_root, tmp_path):
+    sweep = str(tmp_path / "sweep")
+    base = ["--env-ids", "hopper-medium-expert", "--seeds", "0", "--sweep-dir", sweep]
+    cases = [
+        (["--env-ids", "hopper-mediu", "--sweep-dir", sweep], ["unknown env id 'hopper-mediu'"]),
+        ([*base, "--variants", "damo", "nope"], ["unknown variant 'nope'", "NAME=FLAGS"]),
+        ([*base, "--variants", "x=--no-such-flag 3"], ["variant 'x'", "not valid damo.py flags"]),
+        ([*base, "--", "--alpha", "-1"], ["--alpha -1.0 is out of range"]),
+        ([*base, "--", "--seed", "3"], ["--seed", "set by the sweep"]),
+        ([*base, "--variants", "big=--n-ensemble 9"], ["--n-ensemble", "share"]),
+        ([*base, "--address", "127.0.0.1:9"], ["--address 127.0.0.1:9", "no Ray cluster answers"]),
+        (["--env-ids", "walker2d-medium", "--sweep-dir", sweep, "--", "--no-download"], ["walker2d/medium", "not found"]),
+    ]
+    t0 = time.time()
+    for (argv, must), (code, err) in zip(cases, run_many("sweep.py", [a for a, _ in cases], minari_root)):
+        error_line(code, err, *must)
+    assert time.time() - t0 < 120 and not os.path.exists(sweep)

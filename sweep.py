@@ -1,0 +1,331 @@
+"""Sweeps of damo.py on Ray: datasets x variants x seeds with one command, on one machine or a cluster.
+
+    python sweep.py --env-ids halfcheetah-medium walker2d-medium --seeds 0 1 2 --variants damo bc wo_er wo_ir \
+        --sweep-dir sweeps/table -- --epochs 30 --rollout-batch-size 10000 --no-download
+    python sweep.py ... --address ray-head:6379            # the same sweep on an existing Ray cluster
+
+Everything after `--` is damo.py flags shared by every run. A variant is `damo` (the defaults), `bc`
+(--bc), `wo_er` (--beta 0), `wo_ir` (--alpha 0), or `NAME=FLAGS` (e.g. "fast=--alpha-ent-lr 1e-3").
+
+What a sweep does:
+- one dynamics ensemble per dataset (damo.py --dynamics-only, in SWEEP/dynamics/ENV_ID/), trained once;
+  the runs of that dataset wait for it and get it with --dynamics-path (BC runs need none);
+- every run is an ordinary damo.py run in SWEEP/runs/ENV_ID__VARIANT__SEED/ (plot.py and --eval-only
+  work on it), its output in SWEEP/logs/; each one is a Ray task with --cpus-per-run CPUs (its torch
+  threads) and --gpus-per-run GPUs (fractions let several small runs share one GPU);
+- started again after a kill or a lost node, the same command skips finished runs and ensembles and
+  continues unfinished runs from their last checkpoint (damo.py --resume; on a CPU a resumed run
+  equals an uninterrupted one); a larger --epochs extends finished runs;
+- a live table of the runs (done / running / waiting / failed, steps, latest score); a failed run is
+  reported with the tail of its log and the others go on; at the end plot.py's table and figure of
+  the sweep's runs (SWEEP/curves.png).
+On a cluster, the project folder, the sweep folder and the datasets must be at the same paths on
+every node (a shared file system, as for slurm). Nothing in damo.py depends on Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VARIANTS = {"damo": [], "bc": ["--bc"], "wo_er": ["--beta", "0"], "wo_ir": ["--alpha", "0"]}
+# set by the sweep itself for every run; in --flags or a variant they would break its bookkeeping
+MANAGED = ("env_id", "seed", "runs_dir", "run_name", "resume", "dynamics_path", "dynamics_only", "threads",
+           "eval_only", "benchmark")
+SHARED_ENSEMBLE = ("n_ensemble", "n_elites", "dynamics_hidden", "dynamics_lr", "dynamics_batch_size",
+                   "dynamics_max_epochs", "dynamics_patience", "dynamics_holdout", "dataset_path", "download")
+
+
+class SweepError(Exception):
+    """A bad sweep specification, found before anything starts: one `error:` message, exit status 2."""
+
+
+@dataclass
+class SweepArgs:
+    env_ids: tuple[str, ...] = ("hopper-medium-expert",)
+    """datasets: damo.py --env-id values (short ids or full Minari ids)"""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """seeds of every variant on every dataset"""
+    variants: tuple[str, ...] = ("damo", "bc")
+    """damo, bc, wo_er, wo_ir, or NAME=FLAGS with damo.py flags of that variant"""
+    sweep_dir: str = "sweeps/sweep"
+    """folder of the sweep: dynamics/, runs/, logs/, curves.png"""
+    address: Optional[str] = None
+    """an existing Ray cluster (host:port, ray://host:port or auto); default: a local Ray on this machine"""
+    num_cpus: Optional[int] = None
+    """local Ray only: CPUs the sweep may use (default: all of this machine's)"""
+    cpus_per_run: int = 1
+    """CPUs per run (a run's torch threads)"""
+    gpus_per_run: float = 0.0
+    """GPUs per run; a fraction lets several runs share one GPU (0: CPU runs)"""
+    progress_every: float = 30.0
+    """seconds between progress tables"""
+    plot: bool = True
+    """at the end, plot.py's table and figure of the sweep's runs"""
+
+
+# ----------------------------------------------------------------------------------------------------
+# the specification: which runs, with which flags, checked before anything starts
+# ----------------------------------------------------------------------------------------------------
+
+
+def parse_flags(flags: list[str], what: str):
+    """damo.py flags -> damo.Args, or a SweepError naming `what` (tyro's own message kept short)."""
+    import tyro
+
+    import damo
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            args = tyro.cli(damo.Args, args=flags)
+        damo.check_args(args)
+    except SystemExit:
+        detail = " ".join(line.strip(" │╭╮╰╯─") for line in err.getvalue().splitlines() if line.strip(" │╭╮╰╯─"))
+        raise SweepError(f"{what}: {' '.join(flags)!r} are not valid damo.py flags ({detail[:300]}); "
+                         f"see python damo.py --help") from None
+    except damo.DamoError as e:
+        raise SweepError(f"{what}: {e}") from None
+    given = damo.explicit_flags(flags)
+    managed = sorted(given & set(MANAGED))
+    if managed:
+        raise SweepError(f"{what}: {', '.join('--' + f.replace('_', '-') for f in managed)} is set by the sweep "
+                         f"for each run; use --env-ids, --seeds, --sweep-dir, --cpus-per-run instead")
+    return args, given
+
+
+def plan(sa: SweepArgs, common: list[str]) -> tuple[list[dict], dict]:
+    """The runs of the sweep ([spec]) and the ensembles ({env_id: spec}), every input checked."""
+    import damo
+
+    if not sa.env_ids or not sa.seeds or not sa.variants:
+        raise SweepError("a sweep needs at least one --env-ids, --seeds and --variants value")
+    if sa.cpus_per_run < 1 or sa.gpus_per_run < 0:
+        raise SweepError(f"--cpus-per-run {sa.cpus_per_run} / --gpus-per-run {sa.gpus_per_run}: need >= 1 CPU and "
+                         f">= 0 GPUs per run")
+    for env_id in sa.env_ids:
+        if "/" not in env_id and env_id not in damo.SHORT_IDS:
+            raise SweepError(f"unknown env id '{env_id}'; accepted: {', '.join(damo.SHORT_IDS)}, or a full Minari id")
+    base, _ = parse_flags(common, "the common flags (after --)")
+    variants = {}
+    for v in sa.variants:
+        name, sep, rest = v.partition("=")
+        if not sep and name not in VARIANTS:
+            raise SweepError(f"unknown variant '{v}'; use {', '.join(VARIANTS)} or NAME=FLAGS (e.g. \"fast=--tau 0.01\")")
+        if sep and (not name or not name.replace("_", "").replace("-", "").isalnum()):
+            raise SweepError(f"variant '{v}': NAME must be letters, digits, - or _ (it names run folders)")
+        flags = VARIANTS[name] if not sep else rest.split()
+        args, given = parse_flags([*common, *flags], f"variant '{name}'")
+        shared = sorted(given & set(SHARED_ENSEMBLE) - damo.explicit_flags(common))
+        if shared:
+            raise SweepError(f"variant '{name}': {', '.join('--' + f.replace('_', '-') for f in shared)} would change "
+                             f"the ensemble, which all runs of a dataset share; put it in the common flags")
+        variants[name] = (flags, args.bc)
+    if len(variants) != len(sa.variants):
+        raise SweepError(f"two variants share a name in {list(sa.variants)}")
+    if not base.download:  # the data must be here already: say which is missing now, not in a task
+        for env_id in sa.env_ids:
+            try:
+                damo.dataset_ids_for(env_id, download=False)
+            except damo.DamoError as e:
+                raise SweepError(str(e)) from None
+    root = os.path.abspath(sa.sweep_dir)
+    steps = base.epochs * base.steps_per_epoch
+    ensembles = {e: {"name": e.replace("/", "-"), "run_dir": os.path.join(root, "dynamics", e.replace("/", "-")),
+                     "argv": [*common, "--env-id", e, "--dynamics-only"], "kind": "ensemble"} for e in sa.env_ids}
+    runs = []
+    for env_id in sa.env_ids:
+        for name, (flags, is_bc) in variants.items():
+            for seed in sa.seeds:
+                run = f"{env_id.replace('/', '-')}__{name}__{seed}"
+                runs.append({"name": run, "env_id": env_id, "bc": is_bc, "steps": steps, "epochs": base.epochs,
+                             "run_dir": os.path.join(root, "runs", run), "kind": "run",
+                             "argv": [*common, *flags, "--env-id", env_id, "--seed", str(seed)]})
+    for spec in [*runs, *ensembles.values()]:
+        spec["log"] = os.path.join(root, "logs", spec["name"] + (".dynamics" if spec["kind"] == "ensemble" else "") + ".log")
+        spec["threads"] = sa.cpus_per_run
+    return runs, ensembles
+
+
+def check_address(address: Optional[str]):
+    """An existing cluster must answer before anything starts (Ray itself would wait for minutes)."""
+    if address is None or address == "auto":
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise SweepError(f"--address {address}: expected host:port (e.g. ray-head:6379) or ray://host:10001")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise SweepError(f"--address {address}: no Ray cluster answers there ({e.strerror or e}); start one with "
+                         f"`ray start --head` on that machine, or drop --address to run on this machine") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# one task: an ensemble or a run, continued where an earlier sweep left it
+# ----------------------------------------------------------------------------------------------------
+
+
+def finished(spec: dict) -> bool:
+    if spec["kind"] == "ensemble":
+        return os.path.isfile(os.path.join(spec["run_dir"], "dynamics.pt"))
+    try:
+        with open(os.path.join(spec["run_dir"], "results.json")) as f:
+            return json.load(f)["global_steps"] >= spec["steps"]
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def tail(path: str, n: int = 15) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            lines = [line.rstrip() for line in f.read().replace("\r", "\n").splitlines() if line.strip()]
+        return "\n".join(lines[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def execute(spec: dict, project: str, ensemble: Optional[dict] = None) -> dict:
+    """Run one damo.py command in this process (a Ray worker): start it, or --resume it from its checkpoint,
+    or skip it if it is done. What to do is decided here, when the task starts, so that Ray's retry of a
+    task lost with its node continues the run instead of starting it over."""
+    if project not in sys.path:
+        sys.path.insert(0, project)
+    import damo
+
+    out = {"name": spec["name"], "kind": spec["kind"], "run_dir": spec["run_dir"], "log": spec["log"]}
+    if finished(spec):
+        return {**out, "status": "skipped"}
+    if ensemble is not None and ensemble["status"] not in ("done", "skipped"):
+        return {**out, "status": "failed", "rc": None, "tail": f"its dataset's ensemble failed (log {ensemble['log']})"}
+    ckpt = os.path.join(spec["run_dir"], "checkpoint.pt")
+    if os.path.isfile(ckpt) and spec["kind"] == "run":
+        argv = ["--resume", spec["run_dir"], "--epochs", str(spec["epochs"]), "--threads", str(spec["threads"])]
+    else:
+        shutil.rmtree(spec["run_dir"], ignore_errors=True)  # killed before its first checkpoint: start over
+        argv = [*spec["argv"], "--runs-dir", os.path.dirname(spec["run_dir"]),
+                "--run-name", os.path.basename(spec["run_dir"]), "--threads", str(spec["threads"])]
+        if ensemble is not None:
+            argv += ["--dynamics-path", os.path.join(ensemble["run_dir"], "dynamics.pt")]
+    os.makedirs(os.path.dirname(spec["log"]), exist_ok=True)
+    with open(spec["log"], "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        print(f"\n$ python damo.py {' '.join(argv)}", flush=True)
+        try:
+            rc = damo.cli(argv)
+        except BaseException:  # a bug, not a bad input: keep the traceback in the log, go on with the others
+            traceback.print_exc()
+            rc = 1
+    return {**out, "status": "done" if rc == 0 else "failed", "rc": rc, "tail": tail(spec["log"]) if rc else ""}
+
+
+# ----------------------------------------------------------------------------------------------------
+# the driver: submit the tasks, show progress, collect, plot
+# ----------------------------------------------------------------------------------------------------
+
+
+def latest(spec: dict) -> tuple[str, str]:
+    """The run's last evaluation in eval.csv: (step, normalised score)."""
+    try:
+        with open(os.path.join(spec["run_dir"], "eval.csv")) as f:
+            last = list(csv.reader(f))[-1]
+        return last[0], f"{float(last[4]):.1f}"
+    except (OSError, IndexError, ValueError):
+        return "-", "-"
+
+
+def progress(specs: list[dict], results: dict, t0: float) -> str:
+    def state(s):
+        if s["name"] in results:
+            return results[s["name"]]["status"]
+        try:
+            return "running" if os.path.getmtime(s["log"]) >= t0 else "waiting"
+        except OSError:
+            return "waiting"
+
+    states = {s["name"]: state(s) for s in specs}
+    counts = {k: sum(v == k for v in states.values()) for k in ("done", "skipped", "running", "waiting", "failed")}
+    lines = [f"[sweep, {(time.time() - t0) / 60:.1f} min] " + ", ".join(f"{k} {v}" for k, v in counts.items())
+             + f" of {len(specs)}"]
+    for s in specs:
+        step, score = latest(s) if s["kind"] == "run" else ("", "")
+        lines.append(f"  {s['name']:<56} {states[s['name']]:<8} {'step ' + step if step else '':>12} "
+                     f"{'score ' + score if score else ''}")
+    return "\n".join(lines)
+
+
+def run_sweep(sa: SweepArgs, common: list[str]) -> int:
+    runs, ensembles = plan(sa, common)
+    check_address(sa.address)
+    import ray
+
+    env_vars = {k: os.environ[k] for k in ("MINARI_DATASETS_PATH", "HF_ENDPOINT", "MINARI_REMOTE", "MUJOCO_GL",
+                                           "PYTHONWARNINGS") if k in os.environ}
+    init = {"runtime_env": {"env_vars": env_vars}, "include_dashboard": False, "log_to_driver": False}
+    try:
+        if sa.address:
+            ray.init(address=sa.address, **init)
+        else:
+            ray.init(num_cpus=sa.num_cpus, **init)
+    except Exception as e:
+        raise SweepError(f"Ray did not start ({type(e).__name__}: {e})") from None
+    root = os.path.abspath(sa.sweep_dir)
+    print(f"sweep {root}: {len(runs)} runs, {len(ensembles)} datasets, Ray {ray.available_resources()}", file=sys.stderr)
+    task = ray.remote(execute)
+    opts = {"num_cpus": sa.cpus_per_run, "num_gpus": sa.gpus_per_run, "max_retries": 3}
+    needed = {r["env_id"] for r in runs if not r["bc"]}
+    ens_ref = {e: task.options(**opts).remote(spec, HERE) for e, spec in ensembles.items() if e in needed}
+    refs = {ref: ensembles[e] for e, ref in ens_ref.items()}
+    # a run's ensemble is an argument: Ray starts the run once the ensemble task has returned
+    refs.update({task.options(**opts).remote(r, HERE, None if r["bc"] else ens_ref[r["env_id"]]): r for r in runs})
+    specs, results, t0 = list(refs.values()), {}, time.time()
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=sa.progress_every)
+        for ref in ready:
+            spec = refs[ref]
+            try:
+                res = ray.get(ref)
+            except ray.exceptions.RayError as e:  # the task itself was lost (node died after its retries)
+                res = {"name": spec["name"], "status": "failed", "rc": None, "log": spec["log"], "tail": str(e)[-2000:]}
+            results[spec["name"]] = res
+            if res["status"] == "failed":
+                print(f"\nFAILED {spec['name']} (exit status {res['rc']}, log {spec['log']}):\n{res['tail']}\n",
+                      file=sys.stderr)
+        print(progress(specs, results, t0), file=sys.stderr, flush=True)
+    ray.shutdown()
+    failed = [n for n, r in results.items() if r["status"] == "failed"]
+    print(f"sweep {root}: {len(results) - len(failed)} of {len(results)} tasks done or already done"
+          + (f"; failed: {', '.join(failed)}" if failed else ""), file=sys.stderr)
+    if sa.plot and any(os.path.isfile(os.path.join(r["run_dir"], "eval.csv")) for r in runs):
+        import plot
+
+        plot.main([os.path.join(root, "runs"), "--out", os.path.join(root, "curves")])
+    return 1 if failed else 0
+
+
+def main(argv: list[str]) -> int:
+    import tyro
+
+    own, common = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    sa = tyro.cli(SweepArgs, args=own, description=__doc__)
+    try:
+        return run_sweep(sa, common)
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
