@@ -142,7 +142,7 @@ def plan(sa: SweepArgs, common: list[str]) -> tuple[list[dict], dict]:
                 raise SweepError(str(e)) from None
     root = os.path.abspath(sa.sweep_dir)
     steps = base.epochs * base.steps_per_epoch
-    ensembles = {e: {"name": e.replace("/", "-"), "run_dir": os.path.join(root, "dynamics", e.replace("/", "-")),
+    ensembles = {e: {"name": e.replace("/", "-"), "env_id": e, "run_dir": os.path.join(root, "dynamics", e.replace("/", "-")),
                      "argv": [*common, "--env-id", e, "--dynamics-only"], "kind": "ensemble"} for e in sa.env_ids}
     runs = []
     for env_id in sa.env_ids:
@@ -284,13 +284,18 @@ def run_sweep(sa: SweepArgs, common: list[str]) -> int:
     print(f"sweep {root}: {len(runs)} runs, {len(ensembles)} datasets, Ray {ray.available_resources()}", file=sys.stderr)
     task = ray.remote(execute)
     opts = {"num_cpus": sa.cpus_per_run, "num_gpus": sa.gpus_per_run, "max_retries": 3}
-    needed = {r["env_id"] for r in runs if not r["bc"]}
-    ens_ref = {e: task.options(**opts).remote(spec, HERE) for e, spec in ensembles.items() if e in needed}
-    refs = {ref: ensembles[e] for e, ref in ens_ref.items()}
-    # a run's ensemble is an argument: Ray starts the run once the ensemble task has returned
-    refs.update({task.options(**opts).remote(r, HERE, None if r["bc"] else ens_ref[r["env_id"]]): r for r in runs})
-    specs, results, t0 = list(refs.values()), {}, time.time()
+    needed = [spec for e, spec in ensembles.items() if any(r["env_id"] == e and not r["bc"] for r in runs)]
+    specs, results, t0 = [*needed, *runs], {}, time.time()
+    # what a previous sweep finished is not queued again (each task checks once more when it starts)
+    results.update({s["name"]: {**{k: s[k] for k in ("name", "kind", "run_dir", "log")}, "status": "skipped"}
+                    for s in specs if finished(s)})
+    ens = {s["env_id"]: results.get(s["name"]) or task.options(**opts).remote(s, HERE) for s in needed}
+    refs = {ens[s["env_id"]]: s for s in needed if s["name"] not in results}
+    # a run's ensemble (or its result) is an argument: Ray starts the run once the ensemble task has returned
+    refs.update({task.options(**opts).remote(r, HERE, None if r["bc"] else ens[r["env_id"]]): r
+                 for r in runs if r["name"] not in results})
     pending = list(refs)
+    print(progress(specs, results, t0), file=sys.stderr, flush=True)
     while pending:
         ready, pending = ray.wait(pending, num_returns=len(pending), timeout=sa.progress_every)
         for ref in ready:
