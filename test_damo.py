@@ -23,6 +23,7 @@ import torch
 
 import damo
 
+import make_dataset
 from conftest import HERE, OFFLINE_ENV, POLICIES, build, error_line, flags, run_cli, run_many
 
 TINY = flags()  # the tiny run's flags (conftest.TINY) as a CLI list
@@ -695,46 +696,53 @@ def test_sample_rows_keeps_rows_aligned():
 
 
 @pytest.mark.slow
-def test_damo_learns_hopper_from_medium_data_beyond_cloning(tmp_path, monkeypatch):
+def test_damo_learns_beyond_cloning_on_replay_like_hopper_data(tmp_path, monkeypatch):
     """The derivation's own maximin (Eqs. 4-8: conservative critic, soft actor, no policy-side behaviour
-    term: --bc-coef 0), with a faster actor (lr 3e-4) and 64-wide networks to fit ~2-3 minutes on 2 cores,
-    trained for 7,000 gradient steps on 20k steps of the sampled medium Hopper-v5 policy, must end (mean of
-    the last two evaluations) above the data's average return (1214), far above the untrained policy
-    (~45), and above behaviour cloning trained in the same test on the same data, with the same networks,
-    steps and evaluations: BC recovers the behaviour policy's mean action, which is better than its
-    sampled actions (~1430 deterministic), so a method that only clones fails here. Without Eq. 7b only
-    the critic can teach the actor, so the test also fails when the actor's loss sign is flipped or the
-    critic is not updated (docs/evidence.md). RL is seed-sensitive: the seed is fixed (CPU runs are
-    reproducible)."""
+    term: --bc-coef 0), with a faster actor (lr 3e-4) and 64-wide networks to fit about two minutes on 2
+    cores, trained for 7,000 gradient steps, two seeds side by side, on replay-like Hopper-v5 data: 10,000
+    uniform random steps, then 10,000 of the sampled medium policy (average episode return about 86,
+    most episodes being the random ones). Behaviour cloning, trained the same way on the same data,
+    fits the mean of both behaviours and falls at once (about 50); a critic can tell the medium policy's
+    actions from the random ones. Over the two seeds, the mean of the last three evaluations must lie
+    above the data's average, far above the untrained policy and 150 above behaviour cloning's. Single
+    evaluations of the maximin swing (10 to 930 within three epochs), so the statistic averages seeds
+    and evaluations; a method that only clones, an actor that descends Q (sign flipped) or a critic that
+    is not trained fails it (docs/evidence.md)."""
     root = tmp_path / "minari"
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _, returns = build("mujoco/hopper/medium-v0", "hopper-medium.npz", 20000, 0)
-    data_return = float(returns.mean())  # the behaviour data's average episode return
-    common = ["--env-id", "mujoco/hopper/medium-v0", "--seed", "0", "--hidden", "64", "--actor-lr", "3e-4",
-              "--epochs", "7", "--steps-per-epoch", "1000", "--eval-episodes", "5", "--threads", "1",
-              "--no-download", "--runs-dir", str(tmp_path)]
-    p = run_cli([*common, "--run-name", "learn", "--dynamics-hidden", "64", "--rollout-batch-size", "5000",
-                 "--dynamics-max-epochs", "10",
-                 # the loss weights are spelled out, so that changing damo.py's defaults does not change this test
-                 "--alpha", "5", "--beta", "0.1", "--real-ratio", "0.5", "--tau", "0.005", "--backup-entropy",
-                 "--bc-coef", "0"], root)
-    assert p.returncode == 0, p.stderr[-3000:]
-    p = run_cli([*common, "--run-name", "bc", "--bc"], root)
-    assert p.returncode == 0, p.stderr[-3000:]
-    ck = torch.load(tmp_path / "learn" / "checkpoint.pt", weights_only=False)
-    torch.manual_seed(0)
-    untrained = damo.evaluate(damo.Actor(11, 3, 64), [gym.make("Hopper-v5") for _ in range(5)], 10_000, ck["obs_mean"], ck["obs_std"], "cpu")
+        _, returns = make_dataset.make_dataset(make_dataset.Args(
+            dataset_id="mujoco/hopper/replaylike-v0", seed=0,
+            mix=("random:10000", f"{POLICIES / 'hopper-medium.npz'}:10000")))
+    data_return = float(returns.mean())  # the data's average episode return
+    common = ["--env-id", "mujoco/hopper/replaylike-v0", "--hidden", "64", "--actor-lr", "3e-4", "--epochs", "7",
+              "--steps-per-epoch", "1000", "--eval-episodes", "5", "--threads", "1", "--no-download",
+              "--runs-dir", str(tmp_path)]
+    # the loss weights are spelled out, so that changing damo.py's defaults does not change this test
+    damo_flags = ["--dynamics-hidden", "64", "--rollout-batch-size", "5000", "--dynamics-max-epochs", "10",
+                  "--alpha", "5", "--beta", "0.1", "--real-ratio", "0.5", "--tau", "0.005", "--backup-entropy",
+                  "--bc-coef", "0"]
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(root), **OFFLINE_ENV, "PYTHONWARNINGS": "ignore"}
+    for variant in (damo_flags, ["--bc"]):  # two seeds side by side, one thread each
+        procs = [subprocess.Popen([sys.executable, str(HERE / "damo.py"), *common, *variant, "--seed", str(s),
+                                   "--run-name", f"{'bc' if variant == ['--bc'] else 'learn'}{s}"], env=env, cwd=HERE,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for s in (0, 1)]
+        for p in procs:
+            _, err = p.communicate(timeout=900)
+            assert p.returncode == 0, err[-3000:]
     curve = {name: [float(r["return_mean"]) for r in csv.DictReader(open(tmp_path / name / "eval.csv"))]
-             for name in ("learn", "bc")}
-    assert len(curve["learn"]) == len(curve["bc"]) == 7
-    final, bc = np.mean(curve["learn"][-2:]), np.mean(curve["bc"][-2:])  # last two: one evaluation swings
+             for name in ("learn0", "learn1", "bc0", "bc1")}
+    assert all(len(c) == 7 for c in curve.values())
+    ck = torch.load(tmp_path / "learn0" / "checkpoint.pt", weights_only=False)
+    torch.manual_seed(0)
+    untrained = damo.evaluate(damo.Actor(11, 3, 64), [gym.make("Hopper-v5") for _ in range(5)], 10_000,
+                              ck["obs_mean"], ck["obs_std"], "cpu").mean()
+    final = np.mean([curve["learn0"][-3:], curve["learn1"][-3:]])
+    bc = np.mean([curve["bc0"][-3:], curve["bc1"][-3:]])
     assert final >= data_return, (final, data_return, curve)
-    assert final >= untrained.mean() + 500, (final, untrained.mean())
-    assert final >= bc + 200, (final, bc, curve)
+    assert final >= untrained + 150, (final, untrained, curve)
+    assert final >= bc + 150, (final, bc, curve)
 
 
 # --------------------------------------------------------------------------------------------------
