@@ -474,6 +474,7 @@ def test_env_defaults_apply_only_where_the_flag_is_not_given():
     assert plot.variant_label(asdict_args(alpha=0.5, tau=0.005), "halfcheetah") == "DAMO (bc_coef=0.2)"
     assert plot.variant_label(asdict_args(alpha=0.0, bc_coef=0.2, tau=0.005), "halfcheetah") == "w/o ir"  # eta inert
     assert plot.variant_label(asdict_args(alpha=0.5), "hopper") == "DAMO (alpha=0.5)"
+    assert plot.variant_label(asdict_args(alpha_ent_lr=1e-3), "hopper") == "DAMO (alpha_ent_lr=0.001)"
 
 
 def asdict_args(**kw) -> dict:
