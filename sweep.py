@@ -105,8 +105,9 @@ def parse_flags(flags: list[str], what: str):
     return args, given
 
 
-def plan(sa: SweepArgs, common: list[str]) -> tuple[list[dict], dict]:
-    """The runs of the sweep ([spec]) and the ensembles ({env_id: spec}), every input checked."""
+def plan(sa: SweepArgs, common: list[str]) -> tuple[list[dict], dict, object]:
+    """The runs of the sweep ([spec]), the ensembles ({env_id: spec}) and the common flags as damo.Args,
+    every input checked."""
     import damo
 
     if not sa.env_ids or not sa.seeds or not sa.variants:
@@ -155,7 +156,30 @@ def plan(sa: SweepArgs, common: list[str]) -> tuple[list[dict], dict]:
     for spec in [*runs, *ensembles.values()]:
         spec["log"] = os.path.join(root, "logs", spec["name"] + (".dynamics" if spec["kind"] == "ensemble" else "") + ".log")
         spec["threads"] = sa.cpus_per_run
-    return runs, ensembles
+    check_same_sweep(root, base)
+    return runs, ensembles, base
+
+
+def common_record(base) -> dict:
+    from dataclasses import asdict
+
+    return {k: v for k, v in asdict(base).items() if k != "epochs"}
+
+
+def check_same_sweep(root: str, base):
+    """A sweep folder belongs to one set of common flags (its ensembles and finished runs were made with
+    them); only --epochs may grow. The first sweep records them in SWEEP/sweep.json."""
+    path = os.path.join(root, "sweep.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        old = json.load(f)["common_flags"]
+    new = common_record(base)
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+        was = ", ".join(f"--{k.replace('_', '-')} {old.get(k)} (now {new.get(k)})" for k in diff)
+        raise SweepError(f"{root} was swept with other common flags: {was}. Its ensembles and runs were made with "
+                         f"those; pass the same flags (only --epochs may grow), or another --sweep-dir")
 
 
 def check_address(address: Optional[str]):
@@ -266,7 +290,7 @@ def progress(specs: list[dict], results: dict, t0: float) -> str:
 
 
 def run_sweep(sa: SweepArgs, common: list[str]) -> int:
-    runs, ensembles = plan(sa, common)
+    runs, ensembles, base = plan(sa, common)
     check_address(sa.address)
     import ray
 
@@ -281,6 +305,9 @@ def run_sweep(sa: SweepArgs, common: list[str]) -> int:
     except Exception as e:
         raise SweepError(f"Ray did not start ({type(e).__name__}: {e})") from None
     root = os.path.abspath(sa.sweep_dir)
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "sweep.json"), "w") as f:
+        json.dump({"common_flags": common_record(base), "argv": sys.argv[1:]}, f, indent=2)
     print(f"sweep {root}: {len(runs)} runs, {len(ensembles)} datasets, Ray {ray.available_resources()}", file=sys.stderr)
     task = ray.remote(execute)
     opts = {"num_cpus": sa.cpus_per_run, "num_gpus": sa.gpus_per_run, "max_retries": 3}

@@ -1211,7 +1211,12 @@ def test_sweep_bad_specs_fail_before_anything_starts(minari_root, tmp_path):
         ([*base, "--variants", "big=--n-ensemble 9"], ["--n-ensemble", "share"]),
         ([*base, "--address", "127.0.0.1:9"], ["--address 127.0.0.1:9", "no Ray cluster answers"]),
         (["--env-ids", "walker2d-medium", "--sweep-dir", sweep, "--", "--no-download"], ["walker2d/medium", "not found"]),
+        ([*base[:-1], str(tmp_path / "old"), "--", "--rollout-length", "3"], ["--rollout-length 5 (now 3)", "--sweep-dir"]),
     ]
+    import sweep as sweep_py
+
+    (tmp_path / "old").mkdir()  # a sweep folder made with the default common flags
+    (tmp_path / "old" / "sweep.json").write_text(json.dumps({"common_flags": sweep_py.common_record(damo.Args())}))
     t0 = time.time()
     for (argv, must), (code, err) in zip(cases, run_many("sweep.py", [a for a, _ in cases], minari_root)):
         error_line(code, err, *must)
