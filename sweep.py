@@ -92,7 +92,8 @@ def parse_flags(flags: list[str], what: str):
             args = tyro.cli(damo.Args, args=flags)
         damo.check_args(args)
     except SystemExit:
-        detail = " ".join(line.strip(" │╭╮╰╯─") for line in err.getvalue().splitlines() if line.strip(" │╭╮╰╯─"))
+        frame = " │╭╮╰╯─"  # tyro draws its message in a box
+        detail = " ".join(line.strip(frame) for line in err.getvalue().splitlines() if line.strip(frame))
         raise SweepError(f"{what}: {' '.join(flags)!r} are not valid damo.py flags ({detail[:300]}); "
                          f"see python damo.py --help") from None
     except damo.DamoError as e:
@@ -123,15 +124,17 @@ def plan(sa: SweepArgs, common: list[str]) -> tuple[list[dict], dict, object]:
     for v in sa.variants:
         name, sep, rest = v.partition("=")
         if not sep and name not in VARIANTS:
-            raise SweepError(f"unknown variant '{v}'; use {', '.join(VARIANTS)} or NAME=FLAGS (e.g. \"fast=--tau 0.01\")")
+            raise SweepError(f"unknown variant '{v}'; use {', '.join(VARIANTS)} or NAME=FLAGS "
+                             f"(e.g. \"fast=--tau 0.01\")")
         if sep and (not name or not name.replace("_", "").replace("-", "").isalnum()):
             raise SweepError(f"variant '{v}': NAME must be letters, digits, - or _ (it names run folders)")
         flags = VARIANTS[name] if not sep else rest.split()
         args, given = parse_flags([*common, *flags], f"variant '{name}'")
         shared = sorted(given & set(SHARED_ENSEMBLE) - damo.explicit_flags(common))
         if shared:
-            raise SweepError(f"variant '{name}': {', '.join('--' + f.replace('_', '-') for f in shared)} would change "
-                             f"the ensemble, which all runs of a dataset share; put it in the common flags")
+            names = ", ".join("--" + f.replace("_", "-") for f in shared)
+            raise SweepError(f"variant '{name}': {names} would change the ensemble, which all runs of a dataset "
+                             f"share; put it in the common flags")
         variants[name] = (flags, args.bc)
     if len(variants) != len(sa.variants):
         raise SweepError(f"two variants share a name in {list(sa.variants)}")
@@ -143,8 +146,9 @@ def plan(sa: SweepArgs, common: list[str]) -> tuple[list[dict], dict, object]:
                 raise SweepError(str(e)) from None
     root = os.path.abspath(sa.sweep_dir)
     steps = base.epochs * base.steps_per_epoch
-    ensembles = {e: {"name": e.replace("/", "-"), "env_id": e, "run_dir": os.path.join(root, "dynamics", e.replace("/", "-")),
-                     "argv": [*common, "--env-id", e, "--dynamics-only"], "kind": "ensemble"} for e in sa.env_ids}
+    ensembles = {e: {"name": e.replace("/", "-"), "env_id": e, "kind": "ensemble",
+                     "run_dir": os.path.join(root, "dynamics", e.replace("/", "-")),
+                     "argv": [*common, "--env-id", e, "--dynamics-only"]} for e in sa.env_ids}
     runs = []
     for env_id in sa.env_ids:
         for name, (flags, is_bc) in variants.items():
@@ -154,7 +158,8 @@ def plan(sa: SweepArgs, common: list[str]) -> tuple[list[dict], dict, object]:
                              "run_dir": os.path.join(root, "runs", run), "kind": "run",
                              "argv": [*common, *flags, "--env-id", env_id, "--seed", str(seed)]})
     for spec in [*runs, *ensembles.values()]:
-        spec["log"] = os.path.join(root, "logs", spec["name"] + (".dynamics" if spec["kind"] == "ensemble" else "") + ".log")
+        suffix = ".dynamics.log" if spec["kind"] == "ensemble" else ".log"
+        spec["log"] = os.path.join(root, "logs", spec["name"] + suffix)
         spec["threads"] = sa.cpus_per_run
     check_same_sweep(root, base)
     return runs, ensembles, base
@@ -233,7 +238,8 @@ def execute(spec: dict, project: str, ensemble: Optional[dict] = None) -> dict:
     if finished(spec):
         return {**out, "status": "skipped"}
     if ensemble is not None and ensemble["status"] not in ("done", "skipped"):
-        return {**out, "status": "failed", "rc": None, "tail": f"its dataset's ensemble failed (log {ensemble['log']})"}
+        return {**out, "status": "failed", "rc": None,
+                "tail": f"its dataset's ensemble failed (log {ensemble['log']})"}
     ckpt = os.path.join(spec["run_dir"], "checkpoint.pt")
     if os.path.isfile(ckpt) and spec["kind"] == "run":
         argv = ["--resume", spec["run_dir"], "--epochs", str(spec["epochs"]), "--threads", str(spec["threads"])]
@@ -308,7 +314,8 @@ def run_sweep(sa: SweepArgs, common: list[str]) -> int:
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, "sweep.json"), "w") as f:
         json.dump({"common_flags": common_record(base), "argv": sys.argv[1:]}, f, indent=2)
-    print(f"sweep {root}: {len(runs)} runs, {len(ensembles)} datasets, Ray {ray.available_resources()}", file=sys.stderr)
+    print(f"sweep {root}: {len(runs)} runs, {len(ensembles)} datasets, Ray {ray.available_resources()}",
+          file=sys.stderr)
     task = ray.remote(execute)
     opts = {"num_cpus": sa.cpus_per_run, "num_gpus": sa.gpus_per_run, "max_retries": 3}
     needed = [spec for e, spec in ensembles.items() if any(r["env_id"] == e and not r["bc"] for r in runs)]
@@ -330,7 +337,8 @@ def run_sweep(sa: SweepArgs, common: list[str]) -> int:
             try:
                 res = ray.get(ref)
             except ray.exceptions.RayError as e:  # the task itself was lost (node died after its retries)
-                res = {"name": spec["name"], "status": "failed", "rc": None, "log": spec["log"], "tail": str(e)[-2000:]}
+                res = {"name": spec["name"], "status": "failed", "rc": None, "log": spec["log"],
+                       "tail": str(e)[-2000:]}
             results[spec["name"]] = res
             if res["status"] == "failed":
                 print(f"\nFAILED {spec['name']} (exit status {res['rc']}, log {spec['log']}):\n{res['tail']}\n",
