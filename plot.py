@@ -82,7 +82,7 @@ def read_run(path: str) -> dict:
 
 def find_runs(root: str) -> list[dict]:
     runs = []
-    for dirpath, dirnames, filenames in sorted(os.walk(root)):
+    for dirpath, dirnames, filenames in sorted(os.walk(root, followlinks=True)):  # a folder of links to runs too
         if "config.json" in filenames or "eval.csv" in filenames:
             dirnames.clear()
             try:
@@ -137,11 +137,15 @@ def summary_table(runs: list[dict]) -> str:
 
 def plot_curves(runs: list[dict], out: str, kind: str = "std", key: str = "score") -> list[str]:
     envs = sorted({r["env_id"] for r in runs})
-    fig, axes = plt.subplots(1, len(envs), figsize=(5.5 * len(envs), 4), squeeze=False)
+    cols = min(3, len(envs))  # a panel per dataset, three to a row
+    rows = -(-len(envs) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(envs):]:
+        ax.set_visible(False)
     rng = np.random.default_rng(0)
     # one colour per variant in every panel
     color = {v: f"C{i % 10}" for i, v in enumerate(sorted({r["variant"] for r in runs}))}
-    for ax, env in zip(axes[0], envs):
+    for ax, env in zip(axes.flat, envs):
         variants = sorted({r["variant"] for r in runs if r["env_id"] == env})
         for v in variants:
             rs = [r for r in runs if r["env_id"] == env and r["variant"] == v]
