@@ -1051,7 +1051,7 @@ def check_args(args: "Args"):
 
 def check_writable(folder: str, flag: str):
     """A folder this process can write files in (or create): a real write in it or in its nearest existing
-    parent, not os.access, which says yes to root on a read-only file system. Creates nothing."""
+    parent, not os.access, which says yes to root whatever a folder's mode bits say. Creates nothing."""
     folder = os.path.abspath(folder)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise DamoError(f"{flag} {folder} is a file, not a folder; pass a folder")
@@ -1151,12 +1151,12 @@ def missing_dataset_message(dataset_id: str, why: str) -> str:
     from minari.storage import get_dataset_path
 
     if "medium-replay" in dataset_id:  # Minari hosts mujoco/{env}/{simple,medium,expert}-v0, no replay sets
+        versioned = dataset_id if re.search(r"-v\d+$", dataset_id) else dataset_id + "-v0"
         return (f"Minari dataset '{dataset_id}' was not found {why}.\nSearched: {get_dataset_path()}.\n"
                 f"Minari's hosted MuJoCo datasets have no medium-replay set (hosted: simple, medium, expert; "
-                f"medium-expert is combined from medium and expert). Build one locally from behaviour policies in "
-                f"training order with make_dataset.py --mix (README 'Data'), e.g.\n  python make_dataset.py "
-                f"--env-id HalfCheetah-v5 --dataset-id {dataset_id} --mix random:20000 "
-                f"assets/policies/halfcheetah-sac-20k.npz:60000 assets/policies/halfcheetah-sac-60k.npz:60000")
+                f"medium-expert is combined from medium and expert). Build one locally with make_dataset.py --mix, "
+                f"behaviour policies in training order: python make_dataset.py --env-id ENV-v5 --dataset-id {versioned} --mix "
+                f"random:STEPS POLICY.npz:STEPS ... (README 'Data' has the command for each environment)")
     return (
         f"Minari dataset '{dataset_id}' was not found {why}.\n"
         f"Searched: {get_dataset_path()} (set MINARI_DATASETS_PATH to look elsewhere).\n"
