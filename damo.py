@@ -22,9 +22,10 @@ M^, d^D that of the data and d^S that of the synthetic buffer S:
 The second part of Eq. 2 is a reward penalty that a classifier D_w(s,a,s') estimates (Eqs. 3-4, data
 alignment, "er"); the first is replaced by its dual with the critic as the multiplier, which pushes Q
 down on the policy's actions and up on the data's (Eqs. 5-6, behaviour alignment, "ir"); the actor
-ascends that critic (Eq. 7), optionally with a behaviour-cloning surrogate for the policy part of the
-divergence (Eq. 7b; off on halfcheetah, see ENV_DEFAULTS). [paper] marks what the paper states, [ours]
-this project's reconstruction or choice.
+ascends that critic (Eq. 7) and, for the policy part of the divergence, clones the data's actions that
+the same critic ranks above the policy's own (Eq. 7b). The equations are the same on every dataset;
+alpha is the per-dataset setting (ENV_DEFAULTS). [paper] marks what the paper states, [ours] this
+project's reconstruction or choice.
 
 Usage:
     python damo.py --env-id hopper-medium-expert --seed 0
@@ -136,22 +137,24 @@ class Args:
     # --- behaviour alignment "ir": critics and actor (Eqs. 5-8) ---
     alpha: Optional[float] = None
     """alpha, weight of the conservative term (Eq. 5) and of Eq. 7b; 0 = "w/o ir"; default per env: hopper, walker2d 5, halfcheetah 0.5 (ENV_DEFAULTS; ours, docs/evidence.md)"""
-    bc_coef: Optional[float] = None
-    """eta, the actor's behaviour term has weight alpha * eta (Eq. 7b; 0 = Eq. 7 alone); default per env: hopper, walker2d 0.2, halfcheetah 0 (ENV_DEFAULTS; ours)"""
+    bc_coef: float = 0.2
+    """eta, the actor's behaviour term has weight alpha * eta (Eq. 7b; 0 = Eq. 7 alone; ours)"""
+    bc_filter: bool = True
+    """Eq. 7b clones only the data actions the critic ranks above the policy's own (CRR's binary filter; ours); off: every data action (TD3+BC)"""
     gamma: float = 0.99
     """discount (MOPO/MOBILE default)"""
     backup_entropy: bool = True
     """-alpha_ent * log pi(a'|s') in the TD target (Eq. 6, SAC's soft value); off: Q estimates the plain return"""
-    tau: Optional[float] = None
-    """Polyak rate of the target critics; default per env: hopper, walker2d 0.02 (ours, 4x SAC's), halfcheetah 0.005 (SAC's) (ENV_DEFAULTS; docs/evidence.md)"""
+    tau: float = 0.005
+    """Polyak rate of the target critics (SAC default; docs/evidence.md)"""
     batch_size: int = 256
     """B, training batch (SAC default)"""
     actor_lr: float = 1e-4
     """actor Adam learning rate (MOBILE default)"""
     critic_lr: float = 3e-4
     """critic Adam learning rate (MOBILE default)"""
-    alpha_ent_lr: float = 1e-4
-    """learning rate of the entropy temperature alpha_ent (Eq. 8; MOBILE default)"""
+    alpha_ent_lr: float = 1e-3
+    """learning rate of the entropy temperature alpha_ent (Eq. 8; ours, 10x MOBILE's: the policy leaves near-uniform in ~1k steps, not ~9k; docs/evidence.md)"""
     n_critics: int = 2
     """critics in the ensemble; the target takes their minimum (SAC default)"""
     hidden: int = 256
@@ -206,17 +209,15 @@ class Args:
     """CPU threads for torch (1: several 1-thread runs side by side use the cores best; docs/speed.md)"""
 
 
-# Per-environment defaults [ours], like CORL's per-dataset configs, only where the evidence showed they
-# must differ (docs/evidence.md). alpha is the coefficient the paper itself tunes per dataset (its
-# Fig. 5); COMBO's conservative weights differ the same way (5 on hopper, 0.5 on halfcheetah). On
-# HalfCheetah the maximin alone (eta = 0, no Eq. 7b) leaves behaviour cloning behind, but only with
-# SAC's slower target (tau 0.005): at 0.02 its critic diverges within 5k steps. The Args fields are
-# None until the dataset's family is known; a value given on the command line or from Python is kept.
-# config.json records the values a run used; another environment family gets hopper's values.
+# Per-environment defaults [ours]: only alpha, the coefficient the paper itself tunes per dataset (its
+# Fig. 5); COMBO's conservative weights differ the same way (5 on hopper, 0.5 on halfcheetah). Every
+# equation is the same on every dataset. The field is None until the dataset's family is known; a
+# value given on the command line or from Python is kept; config.json records the value a run used;
+# another environment family gets hopper's. The measurements behind each value: docs/evidence.md.
 ENV_DEFAULTS = {
-    "hopper": {"alpha": 5.0, "bc_coef": 0.2, "tau": 0.02},
-    "walker2d": {"alpha": 5.0, "bc_coef": 0.2, "tau": 0.02},
-    "halfcheetah": {"alpha": 0.5, "bc_coef": 0.0, "tau": 0.005},
+    "hopper": {"alpha": 5.0},
+    "walker2d": {"alpha": 5.0},
+    "halfcheetah": {"alpha": 0.5},
 }
 
 
@@ -547,24 +548,38 @@ def critic_loss(critic, critic_target, actor, log_alpha_ent, batch: dict, n_real
 
 
 def actor_loss(critic, actor, log_alpha_ent, s: torch.Tensor, s_data: torch.Tensor, a_data: torch.Tensor,
-               alpha: float, bc_coef: float):
+               alpha: float, bc_coef: float, bc_filter: bool):
     """Eq. 7 (outer max over pi) [ours]: the soft actor loss on the inner critic,
         L_pi = E_{s~B} [ alpha_ent * log pi(a|s) - min_j Q_j(s, a) ],  a ~ pi(s),
-    so the policy ascends exactly the value the critic estimates. Eq. 7b [ours, optional]: the policy
-    part of the behaviour divergence, E_s KL(pi(.|s) || pi_beta(.|s)), with the TD3+BC surrogate
-    alpha * eta * ||tanh(mu(s)) - a||^2 on offline rows; the Q term is then divided by mean |Q|
-    (TD3+BC) so that eta does not depend on the reward scale. alpha = 0 removes it with Eq. 5."""
+    so the policy ascends exactly the value the critic estimates. Eq. 7b [ours]: the policy part of
+    the behaviour divergence, E_s KL(pi(.|s) || pi_beta(.|s)). Its outer max has the solution
+    pi* = pi_beta * w / Z with w = exp(A / (alpha * eta)), A = Q(s, a) - Q(s, pi(s)), Z = E_beta[w]; it
+    is projected onto the actor with CRR's binary weight w = 1[A > 0], the TD3+BC surrogate of log pi
+    and the batch's share of kept rows for Z (self-normalised weights):
+        alpha * eta * E_D[ w * ||mu(s) - a||^2 ] / E_D[ w ],  w = 1[Q(s,a) > Q(s, mu(s))],  mu = tanh mean,
+    so the actor clones the data's better actions, never the worse ones (on mixed data the mean of all
+    actions can fail where each behaviour succeeds), with the strength of cloning them all. The Q
+    term is divided by mean |Q| (TD3+BC) so that eta does not depend on the reward scale.
+    alpha = 0 removes Eq. 7b with Eq. 5."""
     a, logp = actor.sample(s)
     q = critic(s, a).min(0).values
     sac = log_alpha_ent.exp().detach() * logp - q
     w_bc = alpha * bc_coef
     if w_bc > 0:
-        bc = ((actor.act(s_data) - a_data) ** 2).sum(-1).mean()
+        mu = actor.act(s_data)
+        err = ((mu - a_data) ** 2).sum(-1)
+        if bc_filter:  # the critic's ranking only selects rows: no gradient flows through it
+            with torch.no_grad():
+                keep = (critic(s_data, a_data).min(0).values > critic(s_data, mu).min(0).values).float()
+        else:
+            keep = torch.ones_like(err)
+        bc = (keep * err).sum() / keep.sum().clamp_min(1.0)
         loss = sac.mean() / q.abs().mean().detach().clamp_min(1e-6) + w_bc * bc
     else:
-        bc = torch.zeros((), device=s.device)
+        bc, keep = torch.zeros((), device=s.device), torch.zeros(1, device=s.device)
         loss = sac.mean()
-    return loss, {"actor_loss": loss, "actor_bc_mse": bc, "entropy": -logp.mean()}, logp.detach()
+    info = {"actor_loss": loss, "actor_bc_mse": bc, "actor_bc_kept": keep.mean(), "entropy": -logp.mean()}
+    return loss, info, logp.detach()
 
 
 def temperature_loss(log_alpha_ent, logp: torch.Tensor, target_entropy: float):
@@ -674,7 +689,7 @@ def damo_update(ag: Agent, D: dict, N: int, synthetic: "SyntheticBuffer", args: 
     s_bc = offline if offline is not None else off
     ag.critic.requires_grad_(False)  # the actor's backward needs dQ/da only, not the critics' weight gradients
     loss_pi, info_pi, logp = actor_loss(ag.critic, ag.actor, ag.log_alpha_ent, batch["obs"], s_bc["obs"], s_bc["act"],
-                                        args.alpha, args.bc_coef)  # Eqs. 7, 7b
+                                        args.alpha, args.bc_coef, args.bc_filter)  # Eqs. 7, 7b
     sgd_step(ag.actor_opt, loss_pi)
     ag.critic.requires_grad_(True)
     loss_a, info_a = temperature_loss(ag.log_alpha_ent, logp, ag.target_entropy)  # Eq. 8

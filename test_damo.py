@@ -267,20 +267,31 @@ def test_critic_loss_with_separate_offline_batch():
     assert info["conservative_gap"].item() == pytest.approx(gap.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("alpha,bc_coef", [(0.0, 0.2), (5.0, 0.0), (5.0, 0.2)])
-def test_actor_loss_matches_hand_computation(alpha, bc_coef):
+@pytest.mark.parametrize("alpha,bc_coef,bc_filter", [(0.0, 0.2, True), (5.0, 0.0, True), (5.0, 0.2, False),
+                                                     (5.0, 0.2, True)])
+def test_actor_loss_matches_hand_computation(alpha, bc_coef, bc_filter):
     torch.manual_seed(0)
     critic, actor = damo.CriticEnsemble(4, 2, 16, 2), damo.Actor(4, 2, 16)
     log_alpha_ent = torch.tensor(-0.5)
     b = _small_batch()
+    s_d, a_d = b["obs"][:6], b["act"][:6]
     torch.manual_seed(3)
-    loss, info, logp = damo.actor_loss(critic, actor, log_alpha_ent, b["obs"], b["obs"][:3], b["act"][:3], alpha, bc_coef)
+    loss, info, logp = damo.actor_loss(critic, actor, log_alpha_ent, b["obs"], s_d, a_d, alpha, bc_coef, bc_filter)
     torch.manual_seed(3)
     a, logp_ref = actor.sample(b["obs"])
     q = critic(b["obs"], a).min(0).values
     sac = (math.exp(-0.5) * logp_ref - q).mean()
     if alpha * bc_coef > 0:
-        bc = ((torch.tanh(actor(b["obs"][:3])[0]) - b["act"][:3]) ** 2).sum(-1).mean()
+        mu = torch.tanh(actor(s_d)[0])
+        err = ((mu - a_d) ** 2).sum(-1)
+        # Eq. 7b with the filter: only rows whose data action the critic ranks above mu(s)
+        better = [critic(s_d[i:i + 1], a_d[i:i + 1]).min().item() > critic(s_d[i:i + 1], mu[i:i + 1]).min().item()
+                  for i in range(6)]
+        if bc_filter:
+            assert 0 < sum(better) < 6, better  # the check below tells the filter from no filter
+        keep = torch.tensor(better, dtype=torch.float32) if bc_filter else torch.ones(6)
+        bc = (keep * err).sum() / keep.sum()  # self-normalised: the mean over the kept rows
+        assert info["actor_bc_kept"].item() == pytest.approx(keep.mean().item())
         expected = sac / q.abs().mean() + alpha * bc_coef * bc
     else:
         expected = sac  # exactly Eq. 7: alpha = 0 ("w/o ir") removes the behaviour term too
@@ -431,8 +442,9 @@ def test_cli_ablation_flags_remove_their_terms(minari_root, e2e_run, tmp_path):
 
 
 def test_cli_env_defaults_apply_where_the_flag_is_not_given(tmp_path, monkeypatch):
-    """On HalfCheetah data: alpha, eta and tau take halfcheetah's values unless given on the command line,
-    where a value equal to another env's default (--alpha 5, hopper's) is kept (config.json of each run)."""
+    """On HalfCheetah data: alpha takes halfcheetah's value unless given on the command line, where a value
+    equal to another env's default (--alpha 5, hopper's) is kept; the other weights are the same on every
+    dataset (config.json of each run)."""
     root = tmp_path / "minari"
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
     with warnings.catch_warnings():
@@ -445,9 +457,10 @@ def test_cli_env_defaults_apply_where_the_flag_is_not_given(tmp_path, monkeypatc
     assert [code for code, _ in results] == [0, 0], results
     plain = json.load(open(tmp_path / "runs" / "plain" / "config.json"))["args"]
     given = json.load(open(tmp_path / "runs" / "given" / "config.json"))["args"]
-    hc = damo.ENV_DEFAULTS["halfcheetah"]
-    assert (plain["alpha"], plain["bc_coef"], plain["tau"]) == (hc["alpha"], hc["bc_coef"], hc["tau"])
-    assert (given["alpha"], given["bc_coef"], given["tau"]) == (5.0, hc["bc_coef"], 0.02)
+    assert damo.ENV_DEFAULTS["halfcheetah"] == {"alpha": 0.5}  # alpha is the only per-dataset setting
+    d = damo.Args()
+    assert (plain["alpha"], plain["bc_coef"], plain["tau"]) == (0.5, d.bc_coef, d.tau)
+    assert (given["alpha"], given["bc_coef"], given["tau"]) == (5.0, d.bc_coef, 0.02)
 
 
 def test_eval_every_evaluates_every_kth_epoch_and_the_last(minari_root, tmp_path):
@@ -466,15 +479,16 @@ def test_env_defaults_apply_only_where_the_flag_is_not_given():
     assert damo.with_env_defaults(damo.Args(alpha=5.0), "halfcheetah").alpha == 5.0  # given, though hopper's value
     assert damo.with_env_defaults(a, "hopper").alpha == 5.0
     assert damo.with_env_defaults(a, "mujoco-ant").alpha == 5.0  # another family: hopper's values
-    hc = damo.with_env_defaults(damo.Args(bc_coef=0.2), "halfcheetah")  # Eq. 7b kept where given
-    assert (hc.alpha, hc.bc_coef, hc.tau) == (0.5, 0.2, 0.005)
+    # the same equations everywhere: only alpha is per environment
+    assert {k for table in damo.ENV_DEFAULTS.values() for k in table} == {"alpha"}
     import plot
 
-    assert plot.variant_label(asdict_args(alpha=0.5, bc_coef=0.0, tau=0.005), "halfcheetah") == "DAMO"
-    assert plot.variant_label(asdict_args(alpha=0.5, tau=0.005), "halfcheetah") == "DAMO (bc_coef=0.2)"
-    assert plot.variant_label(asdict_args(alpha=0.0, bc_coef=0.2, tau=0.005), "halfcheetah") == "w/o ir"  # eta inert
+    assert plot.variant_label(asdict_args(alpha=0.5), "halfcheetah") == "DAMO"
+    assert plot.variant_label(asdict_args(alpha=0.5, bc_coef=0.0), "halfcheetah") == "DAMO (bc_coef=0)"
+    assert plot.variant_label(asdict_args(alpha=0.5, bc_filter=False), "halfcheetah") == "DAMO (bc_filter=0)"
+    assert plot.variant_label(asdict_args(alpha=0.0, bc_coef=0.0), "halfcheetah") == "w/o ir"  # eta inert
     assert plot.variant_label(asdict_args(alpha=0.5), "hopper") == "DAMO (alpha=0.5)"
-    assert plot.variant_label(asdict_args(alpha_ent_lr=1e-3), "hopper") == "DAMO (alpha_ent_lr=0.001)"
+    assert plot.variant_label(asdict_args(alpha_ent_lr=1e-4), "hopper") == "DAMO (alpha_ent_lr=0.0001)"
 
 
 def asdict_args(**kw) -> dict:
@@ -698,17 +712,16 @@ def test_sample_rows_keeps_rows_aligned():
 
 @pytest.mark.slow
 def test_damo_learns_beyond_cloning_on_replay_like_hopper_data(tmp_path, monkeypatch):
-    """The derivation's own maximin (Eqs. 4-8: conservative critic, soft actor, no policy-side behaviour
-    term: --bc-coef 0), with a faster actor (lr 3e-4) and 64-wide networks to fit about two minutes on 2
-    cores, trained for 7,000 gradient steps, two seeds side by side, on replay-like Hopper-v5 data: 10,000
-    uniform random steps, then 10,000 of the sampled medium policy (average episode return about 86,
-    most episodes being the random ones). Behaviour cloning, trained the same way on the same data,
-    fits the mean of both behaviours and falls at once (about 50); a critic can tell the medium policy's
-    actions from the random ones. Over the two seeds, the mean of the last three evaluations must lie
-    above the data's average, far above the untrained policy and 150 above behaviour cloning's. Single
-    evaluations of the maximin swing (10 to 930 within three epochs), so the statistic averages seeds
-    and evaluations; a method that only clones, an actor that descends Q (sign flipped) or a critic that
-    is not trained fails it (docs/evidence.md)."""
+    """damo.py's defaults (only budget and size flags: 64-wide networks, a smaller ensemble and rollout batch,
+    to fit a few minutes on 2 cores), trained for 10,000 gradient steps, two seeds side by side, on
+    replay-like Hopper-v5 data: 10,000 uniform random steps, then 10,000 of the sampled medium policy
+    (average episode return about 86, most episodes being the random ones). Behaviour cloning, trained the
+    same way on the same data, fits the mean of both behaviours and falls at once (about 50); a critic can
+    tell the medium policy's actions from the random ones, and Eq. 7b clones only the actions it ranks
+    higher. Over the two seeds, the mean of the last three evaluations must lie above the data's average,
+    far above the untrained policy and 150 above behaviour cloning's. Single evaluations swing, so the
+    statistic averages seeds and evaluations; a DAMO whose actor only clones (no Q term, no filter), an
+    actor that descends Q (sign flipped) or a critic that is not trained fails it (docs/evidence.md)."""
     root = tmp_path / "minari"
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
     with warnings.catch_warnings():
@@ -717,13 +730,10 @@ def test_damo_learns_beyond_cloning_on_replay_like_hopper_data(tmp_path, monkeyp
             dataset_id="mujoco/hopper/replaylike-v0", seed=0,
             mix=("random:10000", f"{POLICIES / 'hopper-medium.npz'}:10000")))
     data_return = float(returns.mean())  # the data's average episode return
-    common = ["--env-id", "mujoco/hopper/replaylike-v0", "--hidden", "64", "--actor-lr", "3e-4", "--epochs", "7",
-              "--steps-per-epoch", "1000", "--eval-episodes", "5", "--threads", "1", "--no-download",
-              "--runs-dir", str(tmp_path)]
-    # the loss weights are spelled out, so that changing damo.py's defaults does not change this test
-    damo_flags = ["--dynamics-hidden", "64", "--rollout-batch-size", "5000", "--dynamics-max-epochs", "10",
-                  "--alpha", "5", "--beta", "0.1", "--real-ratio", "0.5", "--tau", "0.005", "--backup-entropy",
-                  "--bc-coef", "0"]
+    common = ["--env-id", "mujoco/hopper/replaylike-v0", "--hidden", "64", "--epochs", "10", "--steps-per-epoch", "1000",
+              "--eval-episodes", "5", "--threads", "1", "--no-download", "--runs-dir", str(tmp_path)]
+    # size flags only: every loss weight and rate is damo.py's default for hopper
+    damo_flags = ["--dynamics-hidden", "64", "--rollout-batch-size", "5000", "--dynamics-max-epochs", "10"]
     env = {**os.environ, "MINARI_DATASETS_PATH": str(root), **OFFLINE_ENV, "PYTHONWARNINGS": "ignore"}
     for variant in (damo_flags, ["--bc"]):  # two seeds side by side, one thread each
         procs = [subprocess.Popen([sys.executable, str(HERE / "damo.py"), *common, *variant, "--seed", str(s),
@@ -734,7 +744,7 @@ def test_damo_learns_beyond_cloning_on_replay_like_hopper_data(tmp_path, monkeyp
             assert p.returncode == 0, err[-3000:]
     curve = {name: [float(r["return_mean"]) for r in csv.DictReader(open(tmp_path / name / "eval.csv"))]
              for name in ("learn0", "learn1", "bc0", "bc1")}
-    assert all(len(c) == 7 for c in curve.values())
+    assert all(len(c) == 10 for c in curve.values())
     ck = torch.load(tmp_path / "learn0" / "checkpoint.pt", weights_only=False)
     torch.manual_seed(0)
     untrained = damo.evaluate(damo.Actor(11, 3, 64), [gym.make("Hopper-v5") for _ in range(5)], 10_000,
