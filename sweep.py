@@ -5,7 +5,7 @@
     python sweep.py ... --address ray-head:6379            # the same sweep on an existing Ray cluster
 
 Everything after `--` is damo.py flags shared by every run. A variant is `damo` (the defaults), `bc`
-(--bc), `wo_er` (--beta 0), `wo_ir` (--alpha 0), or `NAME=FLAGS` (e.g. "fast=--alpha-ent-lr 1e-3").
+(--bc), `wo_er` (--beta 0), `wo_ir` (--alpha 0), or `NAME=FLAGS` (e.g. "unfiltered=--no-bc-filter").
 
 What a sweep does:
 - one dynamics ensemble per dataset (damo.py --dynamics-only, in SWEEP/dynamics/ENV_ID/), trained once;
