@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Literal
@@ -56,6 +57,16 @@ def variant_label(args: dict, family: str = "") -> str:
              if k in args and args[k] != getattr(d, k) and not (k == "beta" and beta == 0)
              and not (alpha == 0 and k in ("alpha", "bc_coef", "bc_filter"))]  # inert at alpha 0
     return name + (f" ({', '.join(extra)})" if extra else "")
+
+
+QUALITY_ORDER = {"random": 0, "simple": 0, "medium": 1, "medium-replay": 2, "medium-expert": 3, "expert": 4}
+
+
+def dataset_key(env_id: str) -> tuple:
+    """Sort datasets as papers' tables do: by environment, then medium, medium-replay, medium-expert."""
+    name = env_id.split("/", 1)[1] if env_id.count("/") == 2 else env_id  # mujoco/hopper/medium-v0
+    family, _, quality = name.replace("/", "-", 1).partition("-")
+    return family, QUALITY_ORDER.get(re.sub(r"-v\d+$", "", quality), 9), env_id
 
 
 def read_run(path: str) -> dict:
@@ -122,7 +133,7 @@ def summary_table(runs: list[dict]) -> str:
         groups.setdefault((r["env_id"], r["variant"]), []).append(r)
     lines = ["| env | variant | seeds | final score | last-10 score | final return | last-10 return | steps |",
              "|---|---|---|---|---|---|---|---|"]
-    for (env, var), rs in sorted(groups.items()):
+    for (env, var), rs in sorted(groups.items(), key=lambda kv: (dataset_key(kv[0][0]), kv[0][1])):
         def ms(x):
             return f"{np.mean(x):.1f} +- {np.std(x):.1f}"
         final_s = [r["score"][-1] for r in rs]
@@ -136,7 +147,7 @@ def summary_table(runs: list[dict]) -> str:
 
 
 def plot_curves(runs: list[dict], out: str, kind: str = "std", key: str = "score") -> list[str]:
-    envs = sorted({r["env_id"] for r in runs})
+    envs = sorted({r["env_id"] for r in runs}, key=dataset_key)
     cols = min(3, len(envs))  # a panel per dataset, three to a row
     rows = -(-len(envs) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
