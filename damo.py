@@ -482,7 +482,7 @@ def dynamics_loss(model: DynamicsEnsemble, x: torch.Tensor, y: torch.Tensor):
     nll = (((mean - y) ** 2) * torch.exp(-logvar) + logvar).mean(dim=(1, 2)).sum()
     decay = sum(wd * 0.5 * (layer.weight ** 2).sum() for wd, layer in zip(model.weight_decay, [*model.layers, model.head]))
     bounds = 0.01 * (model.max_logvar.sum() - model.min_logvar.sum())
-    return nll + decay + bounds, {"dynamics_nll": nll}
+    return nll + decay + bounds, {"dynamics_nll": nll.detach()}
 
 
 def discriminator_loss(disc: Discriminator, off: tuple, syn: tuple):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import re
 import time
+import warnings
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -185,15 +186,17 @@ def make_dataset(args: Args):
             print(parts[-1])
     returns = np.asarray(returns)
     mode = "mean action tanh(mu)" if args.deterministic else "sampled actions"
-    dataset = minari.create_dataset_from_buffers(
-        dataset_id=args.dataset_id,
-        buffer=buffers,
-        env=args.env_id,
-        algorithm_name="SAC behaviour policy (damo make_dataset.py)",
-        author="damo",
-        description=f"{'; '.join(parts)} in {args.env_id}, {mode}, seed {args.seed}. "
-        "Made locally by damo's make_dataset.py; not the hosted Minari dataset.",
-    )
+    with warnings.catch_warnings():  # Minari recommends an e-mail, a code link and an eval env: none apply here
+        warnings.filterwarnings("ignore", message=r"`(author_email|code_permalink|eval_env)` is set to None")
+        dataset = minari.create_dataset_from_buffers(
+            dataset_id=args.dataset_id,
+            buffer=buffers,
+            env=args.env_id,
+            algorithm_name="SAC behaviour policy (damo make_dataset.py)",
+            author="damo",
+            description=f"{'; '.join(parts)} in {args.env_id}, {mode}, seed {args.seed}. "
+            "Made locally by damo's make_dataset.py; not the hosted Minari dataset.",
+        )
     print(
         f"wrote {args.dataset_id}: {dataset.total_steps} steps, {dataset.total_episodes} episodes, "
         f"return {returns.mean():.1f} +- {returns.std():.1f} ({mode}), {time.time() - t0:.0f}s, "
