@@ -233,19 +233,28 @@ def diagnose(run: str, out: str | None = None, n: int = 2000, episodes: int = 5,
     # k - 1 Gaussian perturbations of it (std sigma), the action with the highest min_j Q_j, in the same
     # start states. A higher return than pi's own means the critic's ranking holds policy improvement
     # that the actor has not taken (e.g. held back by Eq. 7b); a lower one, that the critic misranks.
+    # The control picks one of the perturbations at random: only a critic-picked return above it shows
+    # that the ranking, not the noise itself, carries the improvement.
     k_cand, sigma = 32, 0.3
-    gen = torch.Generator().manual_seed(seed)
 
-    def critic_pick(s):  # s [n, obs] float64 -> [n, act]
-        s = s.float()
-        mu_a = actor.act(s)  # [n, act]
-        noise = sigma * torch.randn(len(s), k_cand - 1, act_dim, generator=gen)
-        cand = torch.cat([mu_a[:, None], (mu_a[:, None] + noise).clamp(-1, 1)], 1)  # [n, k, act]
-        q = critic(s[:, None].expand(-1, k_cand, -1).reshape(-1, s.shape[1]), cand.reshape(-1, act_dim))
-        best = q.min(0).values.view(len(s), k_cand).argmax(1)
-        return cand[torch.arange(len(s)), best].double()
+    def picker(by_critic: bool):
+        gen = torch.Generator().manual_seed(seed)
 
-    filtered = damo.evaluate(actor, envs, ep_seed, mean, std, "cpu", pick=critic_pick).tolist()
+        def pick(s):  # s [n, obs] float64 -> [n, act]
+            s = s.float()
+            mu_a = actor.act(s)  # [n, act]
+            noise = sigma * torch.randn(len(s), k_cand - 1, act_dim, generator=gen)
+            cand = torch.cat([mu_a[:, None], (mu_a[:, None] + noise).clamp(-1, 1)], 1)  # [n, k, act]
+            if by_critic:
+                q = critic(s[:, None].expand(-1, k_cand, -1).reshape(-1, s.shape[1]), cand.reshape(-1, act_dim))
+                best = q.min(0).values.view(len(s), k_cand).argmax(1)
+            else:
+                best = torch.randint(1, k_cand, (len(s),), generator=gen)
+            return cand[torch.arange(len(s)), best].double()
+        return pick
+
+    filtered = damo.evaluate(actor, envs, ep_seed, mean, std, "cpu", pick=picker(True)).tolist()
+    perturbed = damo.evaluate(actor, envs, ep_seed, mean, std, "cpu", pick=picker(False)).tolist()
 
     def feats(d):
         return torch.cat([d["obs"], d["act"], d["next_obs"] - d["obs"]], -1).numpy()
@@ -285,6 +294,7 @@ def diagnose(run: str, out: str | None = None, n: int = 2000, episodes: int = 5,
         "real_states_nearest_source": visits,
         "real_return_mean": float(np.mean(returns)), "real_returns": returns, "q_filtered_return_mean": float(np.mean(filtered)),
         "q_filtered": f"best of pi(s) and {k_cand - 1} perturbations (std {sigma}) by min_j Q_j, same start states",
+        "random_perturbation_return_mean": float(np.mean(perturbed)),  # the control: one perturbation at random
     }
     out = out or os.path.join(run, "diagnostics")
     fig, ax = plt.subplots(1, 4, figsize=(20, 4.4))

@@ -815,6 +815,7 @@ def test_plot_diagnose_writes_figure_and_finite_json(minari_root, e2e_run):
     assert stats["overestimation_mean"] == pytest.approx(stats["q_start_mean"] - stats["mc_return_mean"], abs=1e-6)
     assert all(0 <= x <= 1 for x in stats["disc_p_offline"].values()) and stats["n_real"] > 0
     assert stats["real_return_mean"] > 0 and math.isfinite(stats["q_filtered_return_mean"])
+    assert math.isfinite(stats["random_perturbation_return_mean"])
     # damo.py's own evaluation with its episode seeds: the first episodes are the run's last evaluation
     last = list(csv.DictReader(open(e2e_run / "eval.csv")))[-1]
     assert np.mean(stats["real_returns"][:2]) == pytest.approx(float(last["return_mean"]), abs=1e-3)
