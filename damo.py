@@ -136,7 +136,7 @@ class Args:
 
     # --- behaviour alignment "ir": critics and actor (Eqs. 5-8) ---
     alpha: Optional[float] = None
-    """alpha, weight of the conservative term (Eq. 5) and of Eq. 7b; 0 = "w/o ir"; default per env: hopper, walker2d 5, halfcheetah 0.5 (ENV_DEFAULTS; ours, docs/evidence.md)"""
+    """alpha, weight of the conservative term (Eq. 5) and of Eq. 7b; 0 = "w/o ir"; default per dataset: hopper, walker2d 5, walker2d-medium-expert 1, halfcheetah 0.5 (ENV_DEFAULTS; ours, docs/evidence.md)"""
     bc_coef: float = 0.2
     """eta, the actor's behaviour term has weight alpha * eta (Eq. 7b; 0 = Eq. 7 alone; ours)"""
     bc_filter: bool = True
@@ -209,22 +209,32 @@ class Args:
     """CPU threads for torch (1: several 1-thread runs side by side use the cores best; docs/speed.md)"""
 
 
-# Per-environment defaults [ours]: only alpha, the coefficient the paper itself tunes per dataset (its
+# Per-dataset defaults [ours]: only alpha, the coefficient the paper itself tunes per dataset (its
 # Fig. 5); COMBO's conservative weights differ the same way (5 on hopper, 0.5 on halfcheetah). Every
-# equation is the same on every dataset. The field is None until the dataset's family is known; a
-# value given on the command line or from Python is kept; config.json records the value a run used;
-# another environment family gets hopper's. The measurements behind each value: docs/evidence.md.
+# equation is the same on every dataset. A dataset's own row wins over its environment's; the field
+# is None until the dataset is known; a value given on the command line or from Python is kept;
+# config.json records the value a run used; another environment family gets hopper's. The
+# measurements behind each value (alpha 1, 5 and 10 on walker2d and hopper): docs/evidence.md.
 ENV_DEFAULTS = {
     "hopper": {"alpha": 5.0},
     "walker2d": {"alpha": 5.0},
     "halfcheetah": {"alpha": 0.5},
+    "walker2d-medium-expert": {"alpha": 1.0},  # at 5 the critic sinks and the actor stays at BC's level
 }
 
 
-def with_env_defaults(args: Args, family: str) -> Args:
-    """args with ENV_DEFAULTS[family] in every field that is still None (not given)."""
-    table = ENV_DEFAULTS.get(family, ENV_DEFAULTS["hopper"])
+def with_env_defaults(args: Args, family: str, dataset: str = "") -> Args:
+    """args with the dataset's row of ENV_DEFAULTS (else its family's, else hopper's) in every field
+    that is still None (not given)."""
+    table = ENV_DEFAULTS.get(dataset) or ENV_DEFAULTS.get(family, ENV_DEFAULTS["hopper"])
     return replace(args, **{f: v for f, v in table.items() if getattr(args, f) is None})
+
+
+def dataset_name(source: str) -> str:
+    """ENV_DEFAULTS' name of a dataset: 'walker2d-medium-expert' from that short id, the Minari id
+    mujoco/walker2d/medium-expert-v0 or the D4RL file walker2d_medium_expert-v2.hdf5."""
+    name = os.path.basename(source) if source.endswith(".hdf5") else source.removeprefix("mujoco/")
+    return re.sub(r"(-v\d+)?(\.hdf5)?$", "", name.lower()).replace("/", "-").replace("_", "-")
 
 
 # ====================================================================================================
@@ -291,7 +301,7 @@ def load_dataset(env_id: str, download: bool = True) -> tuple[dict, dict, gym.En
     if data["observations"].shape[1] != obs_dim or data["actions"].shape[1] != act_dim:
         raise DamoError(f"dataset shapes obs {data['observations'].shape[1]}, act {data['actions'].shape[1]} "
                         f"do not match the env {env.spec.id} ({obs_dim}, {act_dim})")
-    info = dict(dataset_ids=ids, env_family=family, eval_env_id=env.spec.id if env.spec else None,
+    info = dict(dataset_ids=ids, env_family=family, dataset=dataset_name(env_id), eval_env_id=env.spec.id if env.spec else None,
                 ref_min_score=ref[0], ref_max_score=ref[1], ref_source=ref_source,
                 n_transitions=int(len(data["rewards"])), n_episodes=sum(d.total_episodes for d in datasets),
                 n_transitions_per_dataset=[int(d.total_steps) for d in datasets],
@@ -993,7 +1003,7 @@ def main(args: Args, explicit: Optional[set] = None) -> dict:
     if ck is not None:
         check_resume_data(args, ck, data)  # a resumed run keeps the values it was started with
     else:
-        args = with_env_defaults(args, data.info["env_family"])
+        args = with_env_defaults(args, data.info["env_family"], data.info["dataset"])
     start_step = 0 if ck is None else int(ck["global_step"])
     obs_dim, act_dim = data.D["obs"].shape[1], data.D["act"].shape[1]
     ag = make_agent(obs_dim, act_dim, args, device)
@@ -1250,7 +1260,8 @@ def load_d4rl_hdf5(path: str, env_id: str) -> tuple[dict, dict, gym.Env]:
     data = {k: raw[k] for k in ("observations", "actions", "rewards", "next_observations")}
     data["terminals"] = (raw["terminals"] > 0.5).astype(np.float32)  # timeouts still bootstrap
     ref = D4RL_REF[family]
-    info = dict(dataset_ids=[f"d4rl:{os.path.basename(path)}"], env_family=family, eval_env_id=env.spec.id,
+    info = dict(dataset_ids=[f"d4rl:{os.path.basename(path)}"], env_family=family, dataset=dataset_name(path),
+                eval_env_id=env.spec.id,
                 ref_min_score=ref[0], ref_max_score=ref[1],
                 ref_source=f"D4RL reference returns, evaluated in {env.spec.id} (not D4RL's mujoco-py env)",
                 n_transitions=int(len(data["rewards"])), n_episodes=int(ends.sum() + (not ends[-1])),

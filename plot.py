@@ -43,10 +43,10 @@ import numpy as np  # noqa: E402
 
 
 def variant_label(args: dict, family: str = "") -> str:
-    """DAMO / w/o er / w/o ir / BC, plus every knob that differs from damo.py's defaults for that env."""
+    """DAMO / w/o er / w/o ir / BC, plus every knob that differs from damo.py's defaults for that dataset."""
     import damo
 
-    d = damo.with_env_defaults(damo.Args(), family)
+    d = damo.with_env_defaults(damo.Args(), family, damo.dataset_name(args.get("dataset_path") or args.get("env_id", "")))
     if args.get("bc"):
         return "BC"
     alpha, beta = args.get("alpha", d.alpha), args.get("beta", d.beta)

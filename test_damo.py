@@ -444,23 +444,27 @@ def test_cli_ablation_flags_remove_their_terms(minari_root, e2e_run, tmp_path):
 def test_cli_env_defaults_apply_where_the_flag_is_not_given(tmp_path, monkeypatch):
     """On HalfCheetah data: alpha takes halfcheetah's value unless given on the command line, where a value
     equal to another env's default (--alpha 5, hopper's) is kept; the other weights are the same on every
-    dataset (config.json of each run)."""
+    dataset (config.json of each run). walker2d-medium-expert (its short id, resolved to a Minari id)
+    takes its own row, not walker2d's."""
     root = tmp_path / "minari"
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         build("mujoco/halfcheetah/tiny-v0", "halfcheetah-sac-20k.npz", 1000, 0, env_id="HalfCheetah-v5")
-    common = ["--env-id", "mujoco/halfcheetah/tiny-v0", "--bc", "--no-download", "--runs-dir", str(tmp_path / "runs"),
-              *flags(epochs=1, steps_per_epoch=10, eval_episodes=1)]
+        build("mujoco/walker2d/medium-expert-v0", "walker2d-sac-25k.npz", 300, 0, env_id="Walker2d-v5")
+    tiny = ["--bc", "--no-download", "--runs-dir", str(tmp_path / "runs"), *flags(epochs=1, steps_per_epoch=10, eval_episodes=1)]
+    common = ["--env-id", "mujoco/halfcheetah/tiny-v0", *tiny]
     results = run_many("damo.py", [[*common, "--run-name", "plain"], [*common, "--run-name", "given", "--alpha", "5",
-                                                                     "--tau=0.02"]], root)
-    assert [code for code, _ in results] == [0, 0], results
-    plain = json.load(open(tmp_path / "runs" / "plain" / "config.json"))["args"]
-    given = json.load(open(tmp_path / "runs" / "given" / "config.json"))["args"]
+                                                                     "--tau=0.02"],
+                                   ["--env-id", "walker2d-medium-expert", *tiny, "--run-name", "w2d"]], root)
+    assert [code for code, _ in results] == [0, 0, 0], results
+    plain, given, w2d = (json.load(open(tmp_path / "runs" / n / "config.json"))["args"] for n in ("plain", "given", "w2d"))
     assert damo.ENV_DEFAULTS["halfcheetah"] == {"alpha": 0.5}  # alpha is the only per-dataset setting
     d = damo.Args()
     assert (plain["alpha"], plain["bc_coef"], plain["tau"]) == (0.5, d.bc_coef, d.tau)
     assert (given["alpha"], given["bc_coef"], given["tau"]) == (5.0, d.bc_coef, 0.02)
+    assert damo.ENV_DEFAULTS["walker2d"]["alpha"] != damo.ENV_DEFAULTS["walker2d-medium-expert"]["alpha"]
+    assert (w2d["alpha"], w2d["bc_coef"], w2d["tau"]) == (damo.ENV_DEFAULTS["walker2d-medium-expert"]["alpha"], d.bc_coef, d.tau)
 
 
 def test_eval_every_evaluates_every_kth_epoch_and_the_last(minari_root, tmp_path):
@@ -479,6 +483,13 @@ def test_env_defaults_apply_only_where_the_flag_is_not_given():
     assert damo.with_env_defaults(damo.Args(alpha=5.0), "halfcheetah").alpha == 5.0  # given, though hopper's value
     assert damo.with_env_defaults(a, "hopper").alpha == 5.0
     assert damo.with_env_defaults(a, "mujoco-ant").alpha == 5.0  # another family: hopper's values
+    # a dataset's own row wins over its family's, whichever form names it
+    w2d_me = damo.ENV_DEFAULTS["walker2d-medium-expert"]["alpha"]
+    for source in ("walker2d-medium-expert", "mujoco/walker2d/medium-expert-v0", "/data/walker2d_medium_expert-v2.hdf5"):
+        assert damo.dataset_name(source) == "walker2d-medium-expert"
+        assert damo.with_env_defaults(a, "walker2d", damo.dataset_name(source)).alpha == w2d_me != 5.0
+    assert damo.with_env_defaults(a, "walker2d", damo.dataset_name("mujoco/walker2d/medium-v0")).alpha == 5.0
+    assert damo.with_env_defaults(damo.Args(alpha=5.0), "walker2d", "walker2d-medium-expert").alpha == 5.0
     # the same equations everywhere: only alpha is per environment
     assert {k for table in damo.ENV_DEFAULTS.values() for k in table} == {"alpha"}
     import plot
@@ -489,6 +500,10 @@ def test_env_defaults_apply_only_where_the_flag_is_not_given():
     assert plot.variant_label(asdict_args(alpha=0.0, bc_coef=0.0), "halfcheetah") == "w/o ir"  # eta inert
     assert plot.variant_label(asdict_args(alpha=0.5), "hopper") == "DAMO (alpha=0.5)"
     assert plot.variant_label(asdict_args(alpha_ent_lr=1e-4), "hopper") == "DAMO (alpha_ent_lr=0.0001)"
+    w2d_me = {"env_id": "walker2d-medium-expert"}
+    assert plot.variant_label(asdict_args(alpha=damo.ENV_DEFAULTS["walker2d-medium-expert"]["alpha"], **w2d_me), "walker2d") == "DAMO"
+    assert plot.variant_label(asdict_args(alpha=5.0, **w2d_me), "walker2d") == "DAMO (alpha=5)"
+    assert plot.variant_label(asdict_args(alpha=5.0, env_id="walker2d-medium"), "walker2d") == "DAMO"
 
 
 def asdict_args(**kw) -> dict:
