@@ -490,7 +490,7 @@ def test_env_defaults_apply_only_where_the_flag_is_not_given():
         assert damo.with_env_defaults(a, "walker2d", damo.dataset_name(source)).alpha == w2d_me != 5.0
     assert damo.with_env_defaults(a, "walker2d", damo.dataset_name("mujoco/walker2d/medium-v0")).alpha == 5.0
     assert damo.with_env_defaults(damo.Args(alpha=5.0), "walker2d", "walker2d-medium-expert").alpha == 5.0
-    # the same equations everywhere: only alpha is per environment
+    # the same equations everywhere: only alpha is per dataset
     assert {k for table in damo.ENV_DEFAULTS.values() for k in table} == {"alpha"}
     import plot
 
