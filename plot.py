@@ -383,14 +383,48 @@ class CurveArgs:
     """normalised score or raw return on the y axis"""
 
 
+USAGE = {
+    "curves": "python plot.py [RUNS] [--out PATH] [--band std|ci95] [--metric score|return]\n"
+              "    learning curves over seeds from every run folder under RUNS (default runs/), a PNG and a PDF at\n"
+              "    --out (default curves), and a markdown table of final, last-10 and best scores on stdout.\n"
+              "    `python plot.py curves --help` lists the flags.",
+    "diagnose": "python plot.py diagnose runs/RUN\n"
+                "    the paper's Figs. 1, 3b and 4 for one trained run (its checkpoint.pt): offline, synthetic and real\n"
+                "    (s, a, s' - s) embedded by PCA, Q(s0, pi(s0)) against the Monte-Carlo return of 5 real episodes,\n"
+                "    the classifier's P(offline) on each set, which source dataset's states the policy visits, and the\n"
+                "    return when the critic picks each action. Writes RUN/diagnostics.png and RUN/diagnostics.json.",
+    "data": "python plot.py data ENV_ID [GAMMA]\n"
+            "    per source dataset of a local Minari dataset (e.g. hopper-medium-expert): episodes, length, return,\n"
+            "    reward per step, share terminated and the discounted return from the start at GAMMA (default 0.99).",
+}
+
+
+def print_usage(command: str | None = None):
+    """`python plot.py --help` (every command) or `python plot.py COMMAND --help` (one)."""
+    if command is None:
+        print("plot.py: figures from damo.py runs. Commands:\n")
+    for name, text in USAGE.items():
+        if command in (None, name):
+            print(text + "\n")
+
+
 def main(argv: list[str]) -> int:
     import tyro
 
+    if not argv or argv[0] in ("-h", "--help"):
+        if argv:
+            print_usage()
+            return 0
+    elif argv[0] in USAGE and any(a in ("-h", "--help") for a in argv[1:]) and argv[0] != "curves":
+        print_usage(argv[0])
+        return 0
+    if argv and argv[0] == "curves":
+        argv = argv[1:]
     if argv and argv[0] == "diagnose":
         import damo
 
         if len(argv) < 2:
-            print("usage: python plot.py diagnose runs/RUN", file=sys.stderr)
+            print("usage: " + USAGE["diagnose"], file=sys.stderr)
             return 2
         try:
             stats = diagnose(argv[1])
@@ -403,8 +437,7 @@ def main(argv: list[str]) -> int:
         import damo
 
         if len(argv) not in (2, 3):
-            print("usage: python plot.py data ENV_ID [GAMMA]   (a local Minari dataset, e.g. hopper-medium-expert)",
-                  file=sys.stderr)
+            print("usage: " + USAGE["data"], file=sys.stderr)
             return 2
         try:
             rows = data_stats(argv[1], float(argv[2]) if len(argv) == 3 else 0.99)

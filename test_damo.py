@@ -1247,3 +1247,18 @@ def test_sweep_bad_specs_fail_before_anything_starts(minari_root, tmp_path):
     for (argv, must), (code, err) in zip(cases, run_many("sweep.py", [a for a, _ in cases], minari_root)):
         error_line(code, err, *must)
     assert time.time() - t0 < 120 and not os.path.exists(sweep)
+
+
+def test_plot_help_lists_and_documents_every_command(tmp_path):
+    """`plot.py --help` names the three commands; each command's --help documents it (exit 0, no run, no
+    error), and a command without its argument still fails with its usage."""
+    top = run_plot(["--help"], tmp_path)
+    assert top.returncode == 0, top.stderr
+    for name in ("diagnose runs/RUN", "data ENV_ID", "--band", "curves --help"):
+        assert name in top.stdout, (name, top.stdout)
+    for command, words in (("diagnose", "Monte-Carlo return"), ("data", "discounted return")):
+        res = run_plot([command, "--help"], tmp_path)
+        assert res.returncode == 0 and words in res.stdout and "error" not in res.stderr, (command, res)
+        assert run_plot([command], tmp_path).returncode == 2
+    curves = run_plot(["curves", "--help"], tmp_path)
+    assert curves.returncode == 0 and "--metric" in curves.stdout, curves
