@@ -122,6 +122,6 @@ def e2e_run(minari_root, tmp_path_factory):
     """One tiny DAMO run through the CLI, shared by the tests that read its files."""
     runs = tmp_path_factory.mktemp("runs")
     p = run_cli(["--env-id", "hopper-medium-expert", "--seed", "3", "--runs-dir", str(runs), "--run-name", "e2e",
-                 "--no-download", *flags()], minari_root)
+                 "--no-download", *flags(snapshot_every=100)], minari_root)
     assert p.returncode == 0, p.stderr[-3000:]
     return runs / "e2e"

@@ -187,6 +187,8 @@ class Args:
     """W&B entity (with --track)"""
     checkpoint_every: int = 10_000
     """gradient steps between full checkpoints (written atomically; one more at the end)"""
+    snapshot_every: int = 0
+    """gradient steps between snapshots RUN/snapshots/step_NNNNNNN.pt (the networks, no synthetic buffer), kept to look at a run's course (plot.py behaviours, --eval-only); 0: none"""
     checkpoint_buffer: bool = True
     """store the synthetic buffer in checkpoints (exact --resume); off: a resume refills it with fresh rollouts"""
     resume: Optional[str] = None
@@ -972,6 +974,10 @@ def train(args: Args, ag: Agent, data: Data, synthetic: Optional[SyntheticBuffer
         if global_step % args.checkpoint_every == 0 or global_step == total_steps:
             log.writer.flush()  # the TensorBoard events up to the checkpoint are on disk with it
             save_checkpoint(os.path.join(log.run_dir, "checkpoint.pt"), global_step, args, ag, data, synthetic, hist)
+        if args.snapshot_every and global_step % args.snapshot_every == 0:  # the policy and critic at this step, kept
+            os.makedirs(os.path.join(log.run_dir, "snapshots"), exist_ok=True)
+            save_checkpoint(os.path.join(log.run_dir, "snapshots", f"step_{global_step:07d}.pt"), global_step, args, ag,
+                            data, None, hist)
     return global_step
 
 
@@ -1042,7 +1048,7 @@ def main(args: Args, explicit: Optional[set] = None) -> dict:
 FLAG_RANGES = {
     "seed": (0, 2**32 - 1, True),  # numpy's seeds are 32-bit
     "threads": (0, None, True), "benchmark_repeats": (1, None, True), "checkpoint_every": (1, None, True),
-    "log_every": (1, None, True),
+    "log_every": (1, None, True), "snapshot_every": (0, None, True),
     "n_ensemble": (1, None, True), "n_elites": (1, None, True), "dynamics_hidden": (1, None, True),
     "dynamics_lr": (0, None, False), "dynamics_batch_size": (1, None, True), "dynamics_max_epochs": (1, None, True),
     "dynamics_patience": (1, None, True), "dynamics_holdout": (1, None, True),
@@ -1442,7 +1448,7 @@ def load_agent(path: str, device="cpu") -> tuple[Agent, dict]:
     return ag, ck
 
 
-RESUME_MAY_CHANGE = ("resume", "epochs", "threads", "cuda", "log_every", "checkpoint_every", "track",
+RESUME_MAY_CHANGE = ("resume", "epochs", "threads", "cuda", "log_every", "checkpoint_every", "snapshot_every", "track",
                      "wandb_project_name", "wandb_entity", "download", "compile")
 
 

@@ -328,6 +328,134 @@ def diagnose(run: str, out: str | None = None, n: int = 2000, episodes: int = 5,
 
 
 # ----------------------------------------------------------------------------------------------------
+# behaviours: which behaviour policy the actor follows and the critic prefers, over a run's course
+# ----------------------------------------------------------------------------------------------------
+
+
+def checkpoints_of(path: str) -> list[str]:
+    """A .pt file, or a run folder: its snapshots (damo.py --snapshot-every) in step order, else checkpoint.pt."""
+    if path.endswith(".pt"):
+        return [path]
+    snaps = os.path.join(path, "snapshots")
+    if os.path.isdir(snaps):
+        found = sorted(os.path.join(snaps, f) for f in os.listdir(snaps) if re.fullmatch(r"step_\d+\.pt", f))
+        if found:
+            return found
+    return [os.path.join(path, "checkpoint.pt")]
+
+
+def behaviours(path: str, policies: list[str], out: str | None = None, n: int = 4000, start_steps: int = 50,
+               seed: int = 0) -> dict:
+    """For a run trained on data made from known behaviour policies (make_dataset.py's .npz files): at
+    offline states (each source dataset's, and the first `start_steps` steps of every episode, where the
+    behaviours share their states), the actor's squared distance to each behaviour's mean action, the
+    critic's min_j Q_j of each mean action and the share of states where it ranks each one highest, and
+    Eq. 7b's keep rate on the data's own actions; for every snapshot of the run, so that a run's course
+    (a policy found and lost) can be read against its evaluations."""
+    import torch
+
+    import damo
+    import make_dataset
+
+    paths = checkpoints_of(path)
+    _, ck = damo.load_agent(paths[0])
+    a = damo.Args(**{k: v for k, v in ck["args"].items() if k in damo.Args.__dataclass_fields__})
+    if ck["critic"] is None:
+        raise damo.DamoError(f"{path} is a BC run: it has no critic; pass a DAMO run")
+    if a.dataset_path:
+        data, info, env = damo.load_d4rl_hdf5(a.dataset_path, a.env_id)
+    else:
+        data, info, env = damo.load_dataset(a.env_id, download=False)
+    try:
+        weights = {os.path.basename(p).removesuffix(".npz"): make_dataset.load_policy_weights(p, env) for p in policies}
+    except make_dataset.InputError as e:
+        raise damo.DamoError(str(e)) from None
+    obs, next_obs = data["observations"], data["next_observations"]
+    # step of each row within its episode: an episode starts where a row's state is not the previous next state
+    new_ep = np.ones(len(obs), dtype=bool)
+    new_ep[1:] = np.any(obs[1:] != next_obs[:-1], axis=1)
+    starts = np.flatnonzero(new_ep)
+    t = np.arange(len(obs)) - starts[np.searchsorted(starts, np.arange(len(obs)), side="right") - 1]
+    ends = np.cumsum(info.get("n_transitions_per_dataset") or [len(obs)])
+    src = np.searchsorted(ends, np.arange(len(obs)), side="right")
+    rng = np.random.default_rng(seed)
+    groups = {f"{did} states": np.flatnonzero(src == j) for j, did in enumerate(info["dataset_ids"])}
+    groups[f"first {start_steps} steps"] = np.flatnonzero(t < start_steps)
+
+    def mean_action(w, o):  # the behaviour's deterministic action tanh(mu), raw observations
+        h = np.maximum(np.maximum(o @ w["W1"] + w["b1"], 0) @ w["W2"] + w["b2"], 0)
+        return np.tanh(h @ w["Wmu"] + w["bmu"])
+
+    mean, std = ck["obs_mean"], ck["obs_std"]
+    probe = {}
+    for g, rows in groups.items():
+        i = rng.choice(rows, min(n, len(rows)), replace=False)
+        probe[g] = {"s": (torch.as_tensor(obs[i]) - mean) / std, "a": torch.as_tensor(data["actions"][i]),
+                    "beh": {k: torch.as_tensor(mean_action(w, obs[i].astype(np.float64))).float() for k, w in weights.items()}}
+    rows_out = []
+    for p in paths:
+        ag, ck = damo.load_agent(p)
+        row = {"checkpoint": p, "step": int(ck["global_step"]), "groups": {}}
+        with torch.no_grad():
+            for g, d in probe.items():
+                s, mu = d["s"], ag.actor.act(d["s"])
+                q = lambda act: ag.critic(s, act).min(0).values  # noqa: E731
+                qb = torch.stack([q(b) for b in d["beh"].values()])  # [policies, n]
+                best = qb.argmax(0)
+                row["groups"][g] = {
+                    "n": len(s), "eq7b_keep": float((q(d["a"]) > q(mu)).float().mean()),
+                    **{f"actor_dist_to_{k}": float(((mu - b) ** 2).sum(-1).mean()) for k, b in d["beh"].items()},
+                    **{f"q_of_{k}": float(qb[j].mean()) for j, k in enumerate(d["beh"])},
+                    **{f"critic_prefers_{k}": float((best == j).float().mean()) for j, k in enumerate(d["beh"])},
+                }
+        rows_out.append(row)
+    result = {"run": path, "policies": policies, "dataset_ids": info["dataset_ids"], "start_steps": start_steps,
+              "checkpoints": rows_out}
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.dirname(path)) if "snapshots" in path \
+        else os.path.dirname(path)
+    out = out or os.path.join(folder, "behaviours")
+    with open(out + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+    if len(rows_out) > 1:
+        plot_behaviours(result, folder, out)
+    return result
+
+
+def plot_behaviours(result: dict, folder: str, out: str):
+    steps = [r["step"] for r in result["checkpoints"]]
+    names = [os.path.basename(p).removesuffix(".npz") for p in result["policies"]]
+    first = f"first {result['start_steps']} steps"
+    G = lambda g, key: [r["groups"][g][key] for r in result["checkpoints"]]  # noqa: E731
+    fig, ax = plt.subplots(1, 4, figsize=(20, 4.2))
+    ev = os.path.join(folder, "eval.csv")
+    if os.path.isfile(ev):
+        rows = list(csv.DictReader(open(ev)))
+        ax[0].plot([int(r["global_step"]) for r in rows], [float(r["normalized_score"]) for r in rows], "k.-")
+    ax[0].set_title("evaluation (normalised score, 10 episodes)")
+    for j, k in enumerate(names):
+        ax[1].plot(steps, G(first, f"actor_dist_to_{k}"), color=f"C{j}", label=f"{k}, {first}")
+        for g in result["checkpoints"][0]["groups"]:
+            if g != first:
+                ax[1].plot(steps, G(g, f"actor_dist_to_{k}"), color=f"C{j}", ls=":", lw=1)
+        ax[2].plot(steps, G(first, f"critic_prefers_{k}"), color=f"C{j}", label=k)
+    ax[1].set_title("actor's ||mu(s) - behaviour's mean action||^2\n(solid: first steps; dotted: each source's states)")
+    ax[2].set_title(f"critic ranks this behaviour's action highest\n(share of states, {first})")
+    ax[2].set_ylim(0, 1)
+    for j, g in enumerate(result["checkpoints"][0]["groups"]):
+        ax[3].plot(steps, G(g, "eq7b_keep"), color=f"C{j}", label=g)
+    ax[3].set_title("Eq. 7b keep rate of the data's actions")
+    ax[3].set_ylim(0, 1)
+    for x in ax:
+        x.set_xlabel("gradient step")
+    for x in ax[1:]:
+        x.legend(fontsize=7)
+    fig.suptitle(f"{os.path.basename(os.path.normpath(folder))}: {result['dataset_ids']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out + ".png", dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------
 # the data: what separates its behaviour policies, as a discounted critic sees it
 # ----------------------------------------------------------------------------------------------------
 
@@ -393,6 +521,11 @@ USAGE = {
                 "    (s, a, s' - s) embedded by PCA, Q(s0, pi(s0)) against the Monte-Carlo return of 5 real episodes,\n"
                 "    the classifier's P(offline) on each set, which source dataset's states the policy visits, and the\n"
                 "    return when the critic picks each action. Writes RUN/diagnostics.png and RUN/diagnostics.json.",
+    "behaviours": "python plot.py behaviours runs/RUN POLICY.npz [POLICY.npz ...]\n"
+                  "    for a run on data made by make_dataset.py from these behaviour policies: at the data's states (each\n"
+                  "    source's, and the first 50 steps of every episode) the actor's distance to each behaviour's mean action,\n"
+                  "    which one the critic ranks highest, and Eq. 7b's keep rate; for every snapshot of the run (damo.py\n"
+                  "    --snapshot-every), else its checkpoint. Writes RUN/behaviours.json and, with snapshots, behaviours.png.",
     "data": "python plot.py data ENV_ID [GAMMA]\n"
             "    per source dataset of a local Minari dataset (e.g. hopper-medium-expert): episodes, length, return,\n"
             "    reward per step, share terminated and the discounted return from the start at GAMMA (default 0.99).",
@@ -432,6 +565,19 @@ def main(argv: list[str]) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(json.dumps(stats, indent=2))
+        return 0
+    if argv and argv[0] == "behaviours":
+        import damo
+
+        if len(argv) < 3:
+            print("usage: " + USAGE["behaviours"], file=sys.stderr)
+            return 2
+        try:
+            res = behaviours(argv[1], argv[2:])
+        except (damo.DamoError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(res["checkpoints"][-1], indent=2))
         return 0
     if argv and argv[0] == "data":
         import damo

@@ -522,7 +522,8 @@ def test_cli_unknown_env_id(tmp_path):
 BAD_FLAGS = [("--rollout-length", "0"), ("--batch-size", "0"), ("--n-elites", "9"), ("--rollout-batch-size", "0"),
              ("--rollout-freq", "0"), ("--hidden", "0"), ("--epochs", "0"), ("--steps-per-epoch", "0"),
              ("--eval-episodes", "0"), ("--gamma", "1.5"), ("--tau", "2"), ("--logit-clip", "-1"), ("--alpha", "-1"),
-             ("--real-ratio", "0"), ("--actor-lr", "0"), ("--dynamics-max-epochs", "0"), ("--n-critics", "-2")]
+             ("--real-ratio", "0"), ("--actor-lr", "0"), ("--dynamics-max-epochs", "0"), ("--n-critics", "-2"),
+             ("--snapshot-every", "-1")]
 
 
 def test_cli_bad_flag_values_exit_2_before_any_work(tmp_path):
@@ -1262,3 +1263,43 @@ def test_plot_help_lists_and_documents_every_command(tmp_path):
         assert run_plot([command], tmp_path).returncode == 2
     curves = run_plot(["curves", "--help"], tmp_path)
     assert curves.returncode == 0 and "--metric" in curves.stdout, curves
+
+
+def test_snapshots_and_plot_behaviours(minari_root, e2e_run, tmp_path):
+    """--snapshot-every keeps the networks at each multiple (the last one equal to the final checkpoint's);
+    `plot.py behaviours` reads every snapshot, and its numbers are the ones recomputed here by hand from a
+    snapshot, the data and the behaviour policies; a policy of another env is refused with exit 2."""
+    import torch
+
+    import plot
+
+    snaps = sorted((e2e_run / "snapshots").iterdir())
+    assert [p.name for p in snaps] == ["step_0000100.pt", "step_0000200.pt"]
+    last, final = torch.load(snaps[-1], weights_only=False), torch.load(e2e_run / "checkpoint.pt", weights_only=False)
+    assert last["synthetic"] is None and last["global_step"] == final["global_step"] == 200
+    assert all(torch.equal(last["actor"][k], final["actor"][k]) for k in final["actor"])
+    pol = [str(POLICIES / "hopper-medium.npz"), str(POLICIES / "hopper-expert.npz")]
+    p = run_plot(["behaviours", str(e2e_run), *pol], minari_root)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.load(open(e2e_run / "behaviours.json"))
+    assert [c["step"] for c in res["checkpoints"]] == [100, 200] and (e2e_run / "behaviours.png").stat().st_size > 10_000
+    g = res["checkpoints"][0]["groups"]
+    assert set(g) == {"mujoco/hopper/medium-v0 states", "mujoco/hopper/expert-v0 states", "first 50 steps"}
+    for row in g.values():
+        assert row["critic_prefers_hopper-medium"] + row["critic_prefers_hopper-expert"] == pytest.approx(1)
+        assert 0 <= row["eq7b_keep"] <= 1 and row["actor_dist_to_hopper-medium"] > 0
+    # by hand, on every expert state (the group holds all of them: no more than n = 4000)
+    ag, ck = damo.load_agent(str(snaps[0]))
+    data, info, _ = damo.load_dataset("hopper-medium-expert", download=False)
+    n_med = info["n_transitions_per_dataset"][0]
+    w = dict(np.load(POLICIES / "hopper-medium.npz"))
+    o = data["observations"][n_med:].astype(np.float64)
+    h = np.maximum(np.maximum(o @ w["W1"] + w["b1"], 0) @ w["W2"] + w["b2"], 0)
+    beh = torch.as_tensor(np.tanh(h @ w["Wmu"] + w["bmu"])).float()
+    with torch.no_grad():
+        mu = ag.actor.act((torch.as_tensor(data["observations"][n_med:]) - ck["obs_mean"]) / ck["obs_std"])
+    expert = g["mujoco/hopper/expert-v0 states"]
+    assert expert["n"] == len(o) <= 4000  # every expert row (a permutation of them): the same mean
+    assert expert["actor_dist_to_hopper-medium"] == pytest.approx(float(((mu - beh) ** 2).sum(-1).mean()), rel=1e-4)
+    bad = run_plot(["behaviours", str(e2e_run), str(POLICIES / "halfcheetah-sac-60k.npz")], minari_root)
+    assert bad.returncode == 2 and "17-d observations" in bad.stderr and "Traceback" not in bad.stderr
