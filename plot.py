@@ -345,13 +345,15 @@ def checkpoints_of(path: str) -> list[str]:
 
 
 def behaviours(path: str, policies: list[str], out: str | None = None, n: int = 4000, start_steps: int = 50,
-               seed: int = 0) -> dict:
+               episodes: int = 3, seed: int = 0) -> dict:
     """For a run trained on data made from known behaviour policies (make_dataset.py's .npz files): at
     offline states (each source dataset's, and the first `start_steps` steps of every episode, where the
     behaviours share their states), the actor's squared distance to each behaviour's mean action, the
     critic's min_j Q_j of each mean action and the share of states where it ranks each one highest, and
-    Eq. 7b's keep rate on the data's own actions; for every snapshot of the run, so that a run's course
-    (a policy found and lost) can be read against its evaluations."""
+    Eq. 7b's keep rate on the data's own actions; and in `episodes` real episodes (the run's first
+    evaluation episodes) which source's states the policy visits after its first 100 steps (nearest
+    offline state). For every snapshot of the run, so that a run's course (a policy found and lost) can
+    be read against its evaluations."""
     import torch
 
     import damo
@@ -392,10 +394,21 @@ def behaviours(path: str, policies: list[str], out: str | None = None, n: int = 
         i = rng.choice(rows, min(n, len(rows)), replace=False)
         probe[g] = {"s": (torch.as_tensor(obs[i]) - mean) / std, "a": torch.as_tensor(data["actions"][i]),
                     "beh": {k: torch.as_tensor(mean_action(w, obs[i].astype(np.float64))).float() for k, w in weights.items()}}
+    # the real episodes' states: which source's states does the policy visit after its first 100 steps?
+    ref_i = rng.choice(len(obs), min(5000, len(obs)), replace=False)
+    ref_s, ref_src = (torch.as_tensor(obs[ref_i]) - mean) / std, src[ref_i]
+    envs = damo.make_eval_envs(env, episodes)
     rows_out = []
     for p in paths:
         ag, ck = damo.load_agent(p)
         row = {"checkpoint": p, "step": int(ck["global_step"]), "groups": {}}
+        rec = []
+        rets = damo.evaluate(ag.actor, envs, a.seed + 10_000, mean, std, "cpu", record=rec)
+        later = [st[0] for ep in rec for st in ep[100:]]
+        row["real_return_mean"] = float(rets.mean())
+        if later:
+            near = ref_src[torch.cdist((torch.as_tensor(np.stack(later)).float() - mean) / std, ref_s).argmin(1).numpy()]
+            row["real_later_states_nearest"] = {did: float(np.mean(near == j)) for j, did in enumerate(info["dataset_ids"])}
         with torch.no_grad():
             for g, d in probe.items():
                 s, mu = d["s"], ag.actor.act(d["s"])
@@ -430,8 +443,13 @@ def plot_behaviours(result: dict, folder: str, out: str):
     ev = os.path.join(folder, "eval.csv")
     if os.path.isfile(ev):
         rows = list(csv.DictReader(open(ev)))
-        ax[0].plot([int(r["global_step"]) for r in rows], [float(r["normalized_score"]) for r in rows], "k.-")
-    ax[0].set_title("evaluation (normalised score, 10 episodes)")
+        ax[0].plot([int(r["global_step"]) for r in rows], [float(r["normalized_score"]) for r in rows], "k.-",
+                   label="evaluation score")
+    ax[0].set_title("evaluation; real states after step 100\nnearest each source's (x 100)")
+    for j, did in enumerate(result["dataset_ids"]):
+        share = [100 * r.get("real_later_states_nearest", {}).get(did, np.nan) for r in result["checkpoints"]]
+        ax[0].plot(steps, share, color=f"C{j}", ls="--", label=f"{did}")
+    ax[0].legend(fontsize=7)
     for j, k in enumerate(names):
         ax[1].plot(steps, G(first, f"actor_dist_to_{k}"), color=f"C{j}", label=f"{k}, {first}")
         for g in result["checkpoints"][0]["groups"]:
@@ -524,8 +542,9 @@ USAGE = {
     "behaviours": "python plot.py behaviours runs/RUN POLICY.npz [POLICY.npz ...]\n"
                   "    for a run on data made by make_dataset.py from these behaviour policies: at the data's states (each\n"
                   "    source's, and the first 50 steps of every episode) the actor's distance to each behaviour's mean action,\n"
-                  "    which one the critic ranks highest, and Eq. 7b's keep rate; for every snapshot of the run (damo.py\n"
-                  "    --snapshot-every), else its checkpoint. Writes RUN/behaviours.json and, with snapshots, behaviours.png.",
+                  "    which one the critic ranks highest, and Eq. 7b's keep rate; which source's states 3 real episodes visit\n"
+                  "    after their first 100 steps; for every snapshot of the run (damo.py --snapshot-every), else its\n"
+                  "    checkpoint. Writes RUN/behaviours.json and, with snapshots, behaviours.png.",
     "data": "python plot.py data ENV_ID [GAMMA]\n"
             "    per source dataset of a local Minari dataset (e.g. hopper-medium-expert): episodes, length, return,\n"
             "    reward per step, share terminated and the discounted return from the start at GAMMA (default 0.99).",

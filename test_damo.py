@@ -1301,6 +1301,9 @@ def test_snapshots_and_plot_behaviours(minari_root, e2e_run, tmp_path):
     expert = g["mujoco/hopper/expert-v0 states"]
     assert expert["n"] == len(o) <= 4000  # every expert row (a permutation of them): the same mean
     assert expert["actor_dist_to_hopper-medium"] == pytest.approx(float(((mu - beh) ** 2).sum(-1).mean()), rel=1e-4)
+    # the real episodes: damo.py's own evaluation of that snapshot (the run's seed 3, its first 3 episodes)
+    rets = damo.evaluate(ag.actor, damo.make_eval_envs(gym.make("Hopper-v5"), 3), 3 + 10_000, ck["obs_mean"], ck["obs_std"], "cpu")
+    assert res["checkpoints"][0]["real_return_mean"] == pytest.approx(float(rets.mean()), rel=1e-6)
     bad = run_plot(["behaviours", str(e2e_run), str(POLICIES / "halfcheetah-sac-60k.npz")], minari_root)
     assert bad.returncode == 2 and "17-d observations" in bad.stderr and "Traceback" not in bad.stderr
 
