@@ -143,8 +143,6 @@ class Args:
     """Eq. 7b clones only the data actions the critic ranks above the policy's own (CRR's binary filter; ours); off: every data action (TD3+BC)"""
     gamma: float = 0.99
     """discount (MOPO/MOBILE default)"""
-    return_bound: bool = False
-    """Eq. 6b: on offline rows the TD target is at least the data's own discounted return-to-go, max(y, G) (ours; MCAC's bound; docs/evidence.md)"""
     backup_entropy: bool = True
     """-alpha_ent * log pi(a'|s') in the TD target (Eq. 6, SAC's soft value); off: Q estimates the plain return"""
     tau: float = 0.005
@@ -521,7 +519,7 @@ def corrected_reward(disc: Discriminator, s, a, r, s_next, is_synthetic, beta: f
 
 
 def critic_loss(critic, critic_target, actor, log_alpha_ent, batch: dict, n_real: int, offline: Optional[dict],
-                alpha: float, gamma: float, backup_entropy: bool = True, ret: Optional[torch.Tensor] = None):
+                alpha: float, gamma: float, backup_entropy: bool = True):
     """Eqs. 5-6 (inner min over Q, behaviour alignment "ir") [ours: the dual form of the paper's
     "dual conservative value estimation"], for every critic j:
 
@@ -542,8 +540,6 @@ def critic_loss(critic, critic_target, actor, log_alpha_ent, batch: dict, n_real
         a2, logp2 = actor.sample(s2)
         v2 = critic_target(s2, a2).min(0).values - (alpha_ent * logp2 if backup_entropy else 0.0)
         y = r + gamma * (1.0 - d) * v2  # Eq. 6, [B]
-        if ret is not None:  # Eq. 6b: the first n_real rows are offline; their target is at least their return-to-go
-            y = torch.cat([torch.maximum(y[:n_real], ret), y[n_real:]])
         a_pi = actor.sample(s)[0] if alpha > 0 else None
     if alpha > 0:
         if offline is None:
@@ -693,14 +689,14 @@ def damo_update(ag: Agent, D: dict, N: int, synthetic: "SyntheticBuffer", args: 
         sgd_step(ag.disc_opt, loss_d)
     # B = n_real offline rows, then n_syn synthetic rows
     off, syn = sample_rows(D, N, n_real, device), synthetic.sample(n_syn)
-    batch = {k: torch.cat([off[k], syn[k]]) for k in syn}
+    batch = {k: torch.cat([off[k], syn[k]]) for k in off}
     is_syn = (torch.arange(args.batch_size, device=device) >= n_real).float()
     batch["rew"], bonus = corrected_reward(ag.disc, batch["obs"], batch["act"], batch["rew"], batch["next_obs"],
                                            is_syn, args.beta, args.logit_clip)  # Eq. 4
     # few offline rows in B (small real_ratio): the push-up term and Eq. 7b get an offline batch of their own
     offline = sample_rows(D, N, args.batch_size, device) if n_real < args.batch_size // 2 else None
     loss_q, info_q = critic_loss(ag.critic, ag.critic_target, ag.actor, ag.log_alpha_ent, batch, n_real, offline,
-                                 args.alpha, args.gamma, args.backup_entropy, off.get("ret"))  # Eqs. 5-6
+                                 args.alpha, args.gamma, args.backup_entropy)  # Eqs. 5-6
     sgd_step(ag.critic_opt, loss_q)
     s_bc = offline if offline is not None else off
     ag.critic.requires_grad_(False)  # the actor's backward needs dQ/da only, not the critics' weight gradients
@@ -889,23 +885,7 @@ def prepare_data(args: Args, device) -> Data:
         "next_obs": (torch.as_tensor(data["next_observations"], device=device) - obs_mean) / obs_std,
         "done": torch.as_tensor(data["terminals"], device=device),
     }
-    if args.return_bound:  # Eq. 6b's G, per offline row
-        D["ret"] = torch.as_tensor(returns_to_go(data, args.gamma), device=device)
     return Data(D, D["rew"].shape[0], info, obs_mean, obs_std, term_fn, eval_envs)
-
-
-def returns_to_go(data: dict, gamma: float) -> np.ndarray:
-    """G_t = sum_k gamma^k r_{t+k} to the end of each episode of D (a row starts an episode where its state is
-    not the previous row's next state). An episode cut by the time limit or the dataset's end lacks its
-    tail, so G is a lower bound of the behaviour's return there too."""
-    r, obs, nxt = data["rewards"].astype(np.float64), data["observations"], data["next_observations"]
-    cont = np.zeros(len(r), dtype=bool)  # row t+1 continues row t's episode
-    cont[:-1] = np.all(obs[1:] == nxt[:-1], axis=1) & (data["terminals"][:-1] == 0)
-    G, acc = np.empty(len(r)), 0.0
-    for t in range(len(r) - 1, -1, -1):
-        acc = r[t] + (gamma * acc if cont[t] else 0.0)
-        G[t] = acc
-    return G.astype(np.float32)
 
 
 def fit_dynamics(args: Args, model: DynamicsEnsemble, data: Data, gen: torch.Generator, log: "RunLog",

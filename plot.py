@@ -52,7 +52,7 @@ def variant_label(args: dict, family: str = "") -> str:
     alpha, beta = args.get("alpha", d.alpha), args.get("beta", d.beta)
     name = "w/o ir" if alpha == 0 else "w/o er" if beta == 0 else "DAMO"
     knobs = ("alpha", "beta", "bc_coef", "bc_filter", "real_ratio", "rollout_length", "gamma", "tau", "actor_lr", "critic_lr",
-             "alpha_ent_lr", "backup_entropy", "return_bound")
+             "alpha_ent_lr", "backup_entropy")
     extra = [f"{k}={args[k]:g}" for k in knobs
              if k in args and args[k] != getattr(d, k) and not (k == "beta" and beta == 0)
              and not (alpha == 0 and k in ("alpha", "bc_coef", "bc_filter"))]  # inert at alpha 0

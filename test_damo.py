@@ -1306,38 +1306,3 @@ def test_snapshots_and_plot_behaviours(minari_root, e2e_run, tmp_path):
     assert res["checkpoints"][0]["real_return_mean"] == pytest.approx(float(rets.mean()), rel=1e-6)
     bad = run_plot(["behaviours", str(e2e_run), str(POLICIES / "halfcheetah-sac-60k.npz")], minari_root)
     assert bad.returncode == 2 and "17-d observations" in bad.stderr and "Traceback" not in bad.stderr
-
-
-def test_returns_to_go_by_hand():
-    """Eq. 6b's G: discounted to each episode's end; an episode ends at a termination or where the next row's
-    state is not this row's next state (a new episode, or a time-limit cut); the last row has only its reward."""
-    obs = np.array([[0.], [1.], [2.], [7.], [8.], [3.], [4.]], np.float32)
-    data = {"observations": obs, "next_observations": obs + 1, "rewards": np.array([1, 2, 3, 4, 5, 6, 7], np.float32),
-            "terminals": np.array([0, 0, 0, 0, 1, 0, 0], np.float32)}
-    data["next_observations"][2] = 99.0  # row 2 is cut (its next state is not row 3's state)
-    g = 0.5
-    expected = [1 + g * 2 + g * g * 3, 2 + g * 3, 3, 4 + g * 5, 5, 6 + g * 7, 7]  # row 4 terminates: 5 alone
-    assert damo.returns_to_go(data, g) == pytest.approx(expected)
-
-
-def test_critic_loss_return_bound_takes_the_larger_target():
-    """Eq. 6b: the offline rows' target is max(y, G); the synthetic rows' is y; G of rows above and below y."""
-    torch.manual_seed(0)
-    critic, actor = damo.CriticEnsemble(4, 2, 16, 2), damo.Actor(4, 2, 16)
-    batch, n_real, gamma = _small_batch(), 4, 0.9
-    torch.manual_seed(1)
-    _, plain = damo.critic_loss(critic, critic, actor, torch.tensor(-1.0), batch, n_real, None, 0.0, gamma)
-    ret = torch.tensor([-1e3, 1e3, -1e3, 1e3])  # rows 1 and 3 lifted to 1000, rows 0 and 2 keep y
-    torch.manual_seed(1)
-    loss, info = damo.critic_loss(critic, critic, actor, torch.tensor(-1.0), batch, n_real, None, 0.0, gamma, ret=ret)
-    with torch.no_grad():
-        q = critic(batch["obs"], batch["act"])
-    torch.manual_seed(1)
-    a2, logp2 = actor.sample(batch["next_obs"])
-    with torch.no_grad():
-        y = batch["rew"] + gamma * (1 - batch["done"]) * (critic(batch["next_obs"], a2).min(0).values - math.exp(-1.0) * logp2)
-    y_b = y.clone()
-    y_b[[1, 3]] = 1e3
-    assert info["target_q"].item() == pytest.approx(y_b.mean().item(), rel=1e-5)
-    assert plain["target_q"].item() == pytest.approx(y.mean().item(), rel=1e-5)
-    assert loss.item() == pytest.approx((0.5 * ((y_b - q) ** 2).mean(1).sum()).item(), rel=1e-5)
