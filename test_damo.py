@@ -459,12 +459,14 @@ def test_cli_env_defaults_apply_where_the_flag_is_not_given(tmp_path, monkeypatc
                                    ["--env-id", "walker2d-medium-expert", *tiny, "--run-name", "w2d"]], root)
     assert [code for code, _ in results] == [0, 0, 0], results
     plain, given, w2d = (json.load(open(tmp_path / "runs" / n / "config.json"))["args"] for n in ("plain", "given", "w2d"))
-    assert damo.ENV_DEFAULTS["halfcheetah"] == {"alpha": 0.5}  # alpha is the only per-dataset setting
+    assert damo.ENV_DEFAULTS["halfcheetah"] == {"alpha": 0.5, "gamma": 0.99, "tau": 0.005}
     d = damo.Args()
-    assert (plain["alpha"], plain["bc_coef"], plain["tau"]) == (0.5, d.bc_coef, d.tau)
-    assert (given["alpha"], given["bc_coef"], given["tau"]) == (5.0, d.bc_coef, 0.02)
+    assert (plain["alpha"], plain["bc_coef"], plain["gamma"], plain["tau"]) == (0.5, d.bc_coef, 0.99, 0.005)
+    assert (given["alpha"], given["bc_coef"], given["gamma"], given["tau"]) == (5.0, d.bc_coef, 0.99, 0.02)
     assert damo.ENV_DEFAULTS["walker2d"]["alpha"] != damo.ENV_DEFAULTS["walker2d-medium-expert"]["alpha"]
-    assert (w2d["alpha"], w2d["bc_coef"], w2d["tau"]) == (damo.ENV_DEFAULTS["walker2d-medium-expert"]["alpha"], d.bc_coef, d.tau)
+    # the dataset's row sets alpha; gamma and tau still come from its environment's row
+    assert (w2d["alpha"], w2d["bc_coef"], w2d["gamma"], w2d["tau"]) == (
+        damo.ENV_DEFAULTS["walker2d-medium-expert"]["alpha"], d.bc_coef, 0.99, 0.005)
 
 
 def test_eval_every_evaluates_every_kth_epoch_and_the_last(minari_root, tmp_path):
@@ -490,26 +492,32 @@ def test_env_defaults_apply_only_where_the_flag_is_not_given():
         assert damo.with_env_defaults(a, "walker2d", damo.dataset_name(source)).alpha == w2d_me != 5.0
     assert damo.with_env_defaults(a, "walker2d", damo.dataset_name("mujoco/walker2d/medium-v0")).alpha == 5.0
     assert damo.with_env_defaults(damo.Args(alpha=5.0), "walker2d", "walker2d-medium-expert").alpha == 5.0
-    # the same equations everywhere: only alpha is per dataset
-    assert {k for table in damo.ENV_DEFAULTS.values() for k in table} == {"alpha"}
+    # the same equations everywhere: the table holds coefficients only (no switch of a term)
+    assert {k for table in damo.ENV_DEFAULTS.values() for k in table} == {"alpha", "gamma", "tau"}
+    hopper, w2d_me_args = damo.with_env_defaults(a, "hopper"), damo.with_env_defaults(a, "walker2d", "walker2d-medium-expert")
+    assert (hopper.gamma, hopper.tau) == (0.995, 0.02) and (w2d_me_args.gamma, w2d_me_args.tau) == (0.99, 0.005)
+    assert damo.with_env_defaults(damo.Args(gamma=0.99), "hopper").gamma == 0.99  # given: kept
     import plot
 
-    assert plot.variant_label(asdict_args(alpha=0.5), "halfcheetah") == "DAMO"
-    assert plot.variant_label(asdict_args(alpha=0.5, bc_coef=0.0), "halfcheetah") == "DAMO (bc_coef=0)"
-    assert plot.variant_label(asdict_args(alpha=0.5, bc_filter=False), "halfcheetah") == "DAMO (bc_filter=0)"
-    assert plot.variant_label(asdict_args(alpha=0.0, bc_coef=0.0), "halfcheetah") == "w/o ir"  # eta inert
+    hc = {"family": "halfcheetah", "env_id": "halfcheetah-medium"}
+    assert plot.variant_label(asdict_args(**hc), "halfcheetah") == "DAMO"
+    assert plot.variant_label(asdict_args(bc_coef=0.0, **hc), "halfcheetah") == "DAMO (bc_coef=0)"
+    assert plot.variant_label(asdict_args(bc_filter=False, **hc), "halfcheetah") == "DAMO (bc_filter=0)"
+    assert plot.variant_label(asdict_args(alpha=0.0, bc_coef=0.0, **hc), "halfcheetah") == "w/o ir"  # eta inert
+    assert plot.variant_label(asdict_args(gamma=0.99, tau=0.005), "hopper") == "DAMO (gamma=0.99, tau=0.005)"
     assert plot.variant_label(asdict_args(alpha=0.5), "hopper") == "DAMO (alpha=0.5)"
     assert plot.variant_label(asdict_args(alpha_ent_lr=1e-4), "hopper") == "DAMO (alpha_ent_lr=0.0001)"
     w2d_me = {"env_id": "walker2d-medium-expert"}
-    assert plot.variant_label(asdict_args(alpha=damo.ENV_DEFAULTS["walker2d-medium-expert"]["alpha"], **w2d_me), "walker2d") == "DAMO"
-    assert plot.variant_label(asdict_args(alpha=5.0, **w2d_me), "walker2d") == "DAMO (alpha=5)"
-    assert plot.variant_label(asdict_args(alpha=5.0, env_id="walker2d-medium"), "walker2d") == "DAMO"
+    assert plot.variant_label(asdict_args("walker2d", **w2d_me), "walker2d") == "DAMO"
+    assert plot.variant_label(asdict_args("walker2d", alpha=5.0, **w2d_me), "walker2d") == "DAMO (alpha=5)"
+    assert plot.variant_label(asdict_args("walker2d", env_id="walker2d-medium"), "walker2d") == "DAMO"
 
 
-def asdict_args(**kw) -> dict:
+def asdict_args(family: str = "hopper", **kw) -> dict:
     from dataclasses import asdict
 
-    return asdict(damo.with_env_defaults(damo.Args(**kw), "hopper"))  # unspecified: the values a run records
+    a = damo.Args(**kw)  # unspecified: the values a run on that family's data records
+    return asdict(damo.with_env_defaults(a, family, damo.dataset_name(a.env_id)))
 
 
 def test_cli_unknown_env_id(tmp_path):
