@@ -1,8 +1,8 @@
 """Build a real Minari dataset locally by rolling a behaviour policy in the real MuJoCo environment.
 
 Why this file exists: Minari's hosted MuJoCo datasets need a network. To test and benchmark damo.py
-without one, we roll the carried behaviour policies (`assets/policies/`: Hopper-v5 and HalfCheetah-v5
-SAC policies trained online in the real environments; README "Data") and write the episodes with
+without one, we roll the carried behaviour policies (`assets/policies/`: Hopper-v5, HalfCheetah-v5 and
+Walker2d-v5 SAC policies trained online in the real environments; README "Data") and write the episodes with
 Minari's own API (`create_dataset_from_buffers`, no jax needed), under `MINARI_DATASETS_PATH`, named
 like the hosted ids. damo.py then loads them with exactly the code it uses for downloaded data.
 
@@ -19,6 +19,11 @@ the medium policy) is a mix of sources, each rolled for its own number of steps,
 Like Minari's generation scripts, actions are *sampled* from the policy (not its mean) unless
 `--deterministic` is given; that choice changes the data's return and coverage, so it is recorded
 in the dataset's description.
+
+A policy file is a numpy .npz of float arrays W1 [obs, 256], b1, W2 [256, 256], b2, Wmu [256, act],
+bmu, Wls [256, act], bls (a 256-256 ReLU tanh-Gaussian MLP on the raw observation):
+h = relu(relu(obs @ W1 + b1) @ W2 + b2); mean action tanh(h @ Wmu + bmu); log-std
+-5 + 3.5 * (tanh(h @ Wls + bls) + 1), in [-5, 2]; a sampled action is tanh(mu + exp(log_std) * noise).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import numpy as np
 @dataclass
 class Args:
     policy: str = "assets/policies/hopper-medium.npz"
-    """behaviour policy weights (.npz with W1,b1,W2,b2,Wmu,bmu,Wls,bls; layout in README)"""
+    """behaviour policy weights (.npz with W1,b1,W2,b2,Wmu,bmu,Wls,bls; layout in this file's docstring)"""
     dataset_id: str = "mujoco/hopper/medium-v0"
     """Minari id to write under MINARI_DATASETS_PATH (named like the hosted one)"""
     env_id: str = "Hopper-v5"
@@ -80,7 +85,7 @@ def load_policy_weights(path: str, env: gym.Env) -> dict:
             p = {k: w[k].astype(np.float64) for k in w.files}
     except Exception as e:
         raise InputError(f"policy file {path} is not a .npz of weights ({type(e).__name__}); expected the keys "
-                         f"{', '.join(POLICY_KEYS)} (layout in README)") from None
+                         f"{', '.join(POLICY_KEYS)} (layout: make_dataset.py's docstring)") from None
     missing = [k for k in POLICY_KEYS if k not in p]
     if missing:
         raise InputError(f"policy file {path} lacks {', '.join(missing)}; expected {', '.join(POLICY_KEYS)}")

@@ -423,7 +423,7 @@ def behaviours(path: str, policies: list[str], out: str | None = None, n: int = 
                 }
         rows_out.append(row)
     result = {"run": path, "policies": policies, "dataset_ids": info["dataset_ids"], "start_steps": start_steps,
-              "checkpoints": rows_out}
+              "label": variant_label(ck["args"], info["env_family"]), "seed": a.seed, "checkpoints": rows_out}
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.dirname(path)) if "snapshots" in path \
         else os.path.dirname(path)
     out = out or os.path.join(folder, "behaviours")
@@ -467,7 +467,7 @@ def plot_behaviours(result: dict, folder: str, out: str):
         x.set_xlabel("gradient step")
     for x in ax[1:]:
         x.legend(fontsize=7)
-    fig.suptitle(f"{os.path.basename(os.path.normpath(folder))}: {result['dataset_ids']}", fontsize=9)
+    fig.suptitle(f"{result['label']}, seed {result['seed']}: {', '.join(result['dataset_ids'])}", fontsize=9)
     fig.tight_layout()
     fig.savefig(out + ".png", dpi=100)
     plt.close(fig)
