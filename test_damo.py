@@ -564,7 +564,8 @@ def test_cli_bad_inputs_fail_before_the_run_folder_exists(minari_root, e2e_run, 
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "old").mkdir()
     shutil.copytree(e2e_run, tmp_path / "old" / "e2e")
-    before = {p.name: p.read_bytes() for p in (tmp_path / "old" / "e2e").iterdir()}
+    old = tmp_path / "old" / "e2e"
+    before = {str(p.relative_to(old)): p.read_bytes() for p in old.rglob("*") if p.is_file()}
     tiny = [*flags(), "--no-download"]
     runs = str(tmp_path / "runs")
     cases = [
@@ -588,7 +589,7 @@ def test_cli_bad_inputs_fail_before_the_run_folder_exists(minari_root, e2e_run, 
     for (argv, must), (code, err) in zip(cases, run_many("damo.py", argvs, minari_root)):
         error_line(code, err, *must)
     assert not (tmp_path / "runs").exists() and not os.path.exists("/proc/damo-runs")
-    assert {p.name: p.read_bytes() for p in (tmp_path / "old" / "e2e").iterdir()} == before
+    assert {str(p.relative_to(old)): p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
     assert sorted(os.listdir(tmp_path / "old")) == ["e2e"]
 
 
