@@ -384,16 +384,13 @@ def behaviours(path: str, policies: list[str], out: str | None = None, n: int = 
     groups = {f"{did} states": np.flatnonzero(src == j) for j, did in enumerate(info["dataset_ids"])}
     groups[f"first {start_steps} steps"] = np.flatnonzero(t < start_steps)
 
-    def mean_action(w, o):  # the behaviour's deterministic action tanh(mu), raw observations
-        h = np.maximum(np.maximum(o @ w["W1"] + w["b1"], 0) @ w["W2"] + w["b2"], 0)
-        return np.tanh(h @ w["Wmu"] + w["bmu"])
-
     mean, std = ck["obs_mean"], ck["obs_std"]
     probe = {}
     for g, rows in groups.items():
         i = rng.choice(rows, min(n, len(rows)), replace=False)
         probe[g] = {"s": (torch.as_tensor(obs[i]) - mean) / std, "a": torch.as_tensor(data["actions"][i]),
-                    "beh": {k: torch.as_tensor(mean_action(w, obs[i].astype(np.float64))).float() for k, w in weights.items()}}
+                    "beh": {k: torch.as_tensor(make_dataset.NumpyPolicy(w, deterministic=True, rng=None)(obs[i].astype(np.float64))).float()
+                            for k, w in weights.items()}}  # each behaviour's mean action tanh(mu)
     # the real episodes' states: which source's states does the policy visit after its first 100 steps?
     ref_i = rng.choice(len(obs), min(5000, len(obs)), replace=False)
     ref_s, ref_src = (torch.as_tensor(obs[ref_i]) - mean) / std, src[ref_i]
