@@ -24,8 +24,8 @@ alignment, "er"); the first is replaced by its dual with the critic as the multi
 down on the policy's actions and up on the data's (Eqs. 5-6, behaviour alignment, "ir"); the actor
 ascends that critic (Eq. 7) and, for the policy part of the divergence, clones the data's actions that
 the same critic ranks above the policy's own (Eq. 7b). The equations are the same on every dataset;
-alpha, and on hopper the discount and the target rate, are the per-dataset settings (ENV_DEFAULTS). [paper] marks what the paper states, [ours] this
-project's reconstruction or choice.
+alpha, and on hopper the discount and the target rate, are the per-dataset settings (ENV_DEFAULTS).
+[paper] marks what the paper states, [ours] this project's reconstruction or choice.
 
 Usage:
     python damo.py --env-id hopper-medium-expert --seed 0
