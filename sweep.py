@@ -187,6 +187,20 @@ def check_same_sweep(root: str, base):
                          f"those; pass the same flags (only --epochs may grow), or another --sweep-dir")
 
 
+def cluster_token(address: Optional[str]) -> bool:
+    """Ray 2.60 starts a `ray start --head` cluster with token authentication unless RAY_AUTH_MODE=disabled, and
+    keeps the token in ~/.ray/auth_token; but a client sends it only when RAY_AUTH_MODE=token, and without it
+    the connection is refused. So where a token is at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or that
+    file) and the mode is not set, send it (a cluster without authentication ignores it). True if sent."""
+    if address is None or os.environ.get("RAY_AUTH_MODE"):
+        return os.environ.get("RAY_AUTH_MODE") == "token"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(path):
+        os.environ["RAY_AUTH_MODE"] = "token"
+        return True
+    return False
+
+
 def check_address(address: Optional[str]):
     """An existing cluster must answer before anything starts (Ray itself would wait for minutes)."""
     if address is None or address == "auto":
@@ -303,13 +317,20 @@ def run_sweep(sa: SweepArgs, common: list[str]) -> int:
     env_vars = {k: os.environ[k] for k in ("MINARI_DATASETS_PATH", "HF_ENDPOINT", "MINARI_REMOTE", "MUJOCO_GL",
                                            "PYTHONWARNINGS") if k in os.environ}
     init = {"runtime_env": {"env_vars": env_vars}, "include_dashboard": False, "log_to_driver": False}
+    token = cluster_token(sa.address)
     try:
         if sa.address:
             ray.init(address=sa.address, **init)
         else:
             ray.init(num_cpus=sa.num_cpus, **init)
     except Exception as e:
-        raise SweepError(f"Ray did not start ({type(e).__name__}: {e})") from None
+        hint = ""
+        if sa.address:  # what Ray says is only "Failed to connect"; the usual cause on a cluster is its token
+            hint = (". If the cluster uses token authentication (Ray's default for `ray start --head`), this machine "
+                    "needs its token: set RAY_AUTH_TOKEN to the output of `ray get-auth-token` on the head (or copy "
+                    "the head's ~/.ray/auth_token here)" + (" (a token was sent: it may not be the cluster's)" if token else "")
+                    + "; README \"Sweeps\"")
+        raise SweepError(f"Ray did not start ({type(e).__name__}: {e}){hint}") from None
     root = os.path.abspath(sa.sweep_dir)
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, "sweep.json"), "w") as f:

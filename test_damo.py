@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -1257,6 +1258,87 @@ def test_sweep_bad_specs_fail_before_anything_starts(minari_root, tmp_path):
     for (argv, must), (code, err) in zip(cases, run_many("sweep.py", [a for a, _ in cases], minari_root)):
         error_line(code, err, *must)
     assert time.time() - t0 < 120 and not os.path.exists(sweep)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sweep_on_a_ray_cluster_survives_a_lost_node(minari_root, tmp_path):
+    """The cluster path as README "Sweeps" gives it: a head (`ray start --head`) and a worker node (`ray start
+    --address`), 1 CPU each, with token authentication, on this machine only; sweep.py --address runs a BC
+    run and its twin (same flags and seed) on them. The worker node is killed (SIGKILL to all its processes,
+    as a lost machine) while both runs are half done: the sweep still finishes both, the lost one continued
+    from its checkpoint (Ray's retry, damo.py --resume) and equal to its uninterrupted twin, no row lost or
+    repeated. A client without the token gets the fix in its error. The cluster is stopped at the end.
+    Ray 2.60 replaces a loopback --node-ip-address by this machine's own interface address and its servers
+    listen on all interfaces: the traffic stays on this machine (packets to one's own address never leave
+    it), but the ports are open to the network for the test's minute, behind the token."""
+    import secrets
+    import signal
+
+    port = free_port()
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(minari_root), **OFFLINE_ENV, "PYTHONWARNINGS": "ignore",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    ray_cli = [sys.executable, "-m", "ray.scripts.scripts", "start", "--num-cpus", "1", "--node-ip-address",
+               "127.0.0.1", "--disable-usage-stats"]
+    nodes = []  # each node in its own session: killing one kills only its processes
+    temp = tempfile.mkdtemp(prefix="damo-ray-")  # Ray's session files (short: its socket paths have a limit)
+
+    def start(*extra):
+        p = subprocess.Popen([*ray_cli, *extra], env=env, start_new_session=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+        nodes.append(p.pid)
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, out[-2000:]
+
+    sweep = tmp_path / "sweep"
+    runs = sweep / "runs"
+    cmd = [sys.executable, str(HERE / "sweep.py"), "--env-ids", "hopper-medium-expert", "--seeds", "0",
+           "--variants", "bc", "twin=--bc", "--sweep-dir", str(sweep), "--address", f"127.0.0.1:{port}",
+           "--progress-every", "2", "--no-plot", "--", *flags(epochs=8, checkpoint_every=100, threads=None),
+           "--no-download"]
+    try:
+        start("--head", "--port", str(port), "--ray-client-server-port", str(free_port()),
+              "--include-dashboard", "false", "--temp-dir", temp)
+        start("--address", f"127.0.0.1:{port}")
+        no_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+        bad = subprocess.run([*cmd[:cmd.index("--")], "--", "--no-download"], env={**no_token, "HOME": str(tmp_path)},
+                             cwd=HERE, capture_output=True, text=True, timeout=180)
+        last = bad.stderr.strip().splitlines()[-1]  # (above it, Ray's own warnings about the missing token)
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+        assert last.startswith("error: Ray did not start") and "RAY_AUTH_TOKEN" in last and "ray get-auth-token" in last
+        assert not runs.exists()
+
+        p = subprocess.Popen(cmd, env=env, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        t0, killed = time.time(), False
+        while time.time() - t0 < 300 and p.poll() is None:
+            half = [r for r in runs.glob("*") if (r / "checkpoint.pt").exists() and not (r / "results.json").exists()]
+            if len(half) == 2:
+                subprocess.run(["pkill", "-9", "-s", str(nodes[1])])  # the worker node and its runs
+                killed = True
+                break
+            time.sleep(0.1)
+        assert killed, "both runs did not reach a checkpoint together (runs too short?)"
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    finally:
+        for sid in nodes:
+            subprocess.run(["pkill", "-9", "-s", str(sid)])
+        shutil.rmtree(temp, ignore_errors=True)
+    assert sorted(r.name for r in runs.iterdir()) == ["hopper-medium-expert__bc__0", "hopper-medium-expert__twin__0"]
+    res = {r.name: json.load(open(r / "results.json")) for r in runs.iterdir()}
+    assert all(v["global_steps"] == 800 for v in res.values())
+    resumed = [n for n, v in res.items() if v["resumed_at_steps"]]
+    assert len(resumed) == 1, res  # the run on the lost node, continued on the head
+    starts = {n: (sweep / "logs" / f"{n}.log").read_text().count("$ python damo.py") for n in res}
+    assert starts[resumed[0]] == 2 and sum(starts.values()) == 3
+    a, b = (eval_rows(runs / n) for n in sorted(res))
+    assert a == b and [int(r["global_step"]) for r in a] == [100 * i for i in range(1, 9)]  # equal twins: nothing lost, nothing twice
 
 
 def test_plot_help_lists_and_documents_every_command(tmp_path):
