@@ -86,7 +86,7 @@ class Args:
 
     # --- data ---
     dataset_path: Optional[str] = None
-    """a D4RL -v2 hdf5 file instead of a Minari dataset (evaluated in the Gymnasium v5 env; README "Data")"""
+    """a D4RL -v2 hdf5 file instead of a Minari dataset (evaluated in the Gymnasium v5 env; docs/data.md)"""
     download: bool = True
     """download a missing Minari dataset (needs network and minari[hf]); --no-download fails at once instead"""
 
@@ -154,7 +154,7 @@ class Args:
     critic_lr: float = 3e-4
     """critic Adam learning rate (MOBILE default)"""
     alpha_ent_lr: float = 1e-3
-    """learning rate of the entropy temperature alpha_ent (Eq. 8; ours, 10x MOBILE's: the policy leaves near-uniform in ~1k steps, not ~9k; docs/evidence.md)"""
+    """learning rate of the entropy temperature alpha_ent (Eq. 8; ours, 10x MOBILE's: on halfcheetah the first score above 20 at 4-8k steps, not 9-13k; docs/evidence.md)"""
     n_critics: int = 2
     """critics in the ensemble; the target takes their minimum (SAC default)"""
     hidden: int = 256
@@ -1235,7 +1235,7 @@ def load_d4rl_hdf5(path: str, env_id: str) -> tuple[dict, dict, gym.Env]:
     """--dataset-path: a D4RL -v2 hdf5 file (flat arrays, one row per transition). `terminals` is the
     bootstrap mask; `timeouts` end an episode without terminating, so they only count episodes. The env
     family comes from the file name (hopper_medium_expert-v2.hdf5), else from --env-id; evaluation runs
-    in the Gymnasium v5 env of that family with D4RL's reference returns (README "Data")."""
+    in the Gymnasium v5 env of that family with D4RL's reference returns (docs/data.md)."""
     import h5py
 
     name = os.path.basename(path).lower()

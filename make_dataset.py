@@ -2,7 +2,7 @@
 
 Why this file exists: Minari's hosted MuJoCo datasets need a network. To test and benchmark damo.py
 without one, we roll the carried behaviour policies (`assets/policies/`: Hopper-v5, HalfCheetah-v5 and
-Walker2d-v5 SAC policies trained online in the real environments; README "Data") and write the episodes with
+Walker2d-v5 SAC policies trained online in the real environments; docs/data.md) and write the episodes with
 Minari's own API (`create_dataset_from_buffers`, no jax needed), under `MINARI_DATASETS_PATH`, named
 like the hosted ids. damo.py then loads them with exactly the code it uses for downloaded data.
 
