@@ -33,7 +33,8 @@ Usage:
 
 Map of the file (top to bottom, in the order of the algorithm):
     1. Args        every flag, its symbol, equation and where its default comes from
-    2. Data        Minari datasets -> flat arrays, normalised scores (Eq. 10), batches, the buffer S
+    2. Data        Minari datasets -> flat arrays, a subset of episodes (limited coverage), normalised
+                   scores (Eq. 10), batches, the buffer S
     3. Networks    EnsembleLinear, dynamics ensemble, termination functions, classifier, critics, actor
     4. Losses      dynamics_loss (Eq. 9), discriminator_loss (Eq. 3), corrected_reward (Eq. 4),
                    critic_loss (Eqs. 5-6), actor_loss (Eqs. 7, 7b), temperature_loss (Eq. 8)
@@ -89,6 +90,12 @@ class Args:
     """a D4RL -v2 hdf5 file instead of a Minari dataset (evaluated in the Gymnasium v5 env; docs/data.md)"""
     download: bool = True
     """download a missing Minari dataset (needs network and minari[hf]); --no-download fails at once instead"""
+    data_fraction: float = 1.0
+    """limited coverage: train on this share of D's episodes, a random subset drawn with --data-seed (ours)"""
+    data_episodes: Optional[int] = None
+    """limited coverage: train on this many of D's episodes instead of a fraction (ours)"""
+    data_seed: int = 0
+    """seed of the episode subset: fixed across training seeds, so that seeds vary the learner, not the data"""
 
     # --- dynamics ensemble M^ (Eq. 9) ---
     dynamics_path: Optional[str] = None
@@ -281,7 +288,7 @@ def load_dataset(env_id: str, download: bool = True) -> tuple[dict, dict, gym.En
         refs.append((meta.get("ref_min_score"), meta.get("ref_max_score")))
         for ep in ds.iterate_episodes():
             obs = np.asarray(ep.observations, dtype=np.float32)  # [T+1, obs_dim]
-            parts.append(dict(
+            parts.append(dict(episode=np.full(len(ep.rewards), len(parts), dtype=np.int64),
                 observations=obs[:-1], next_observations=obs[1:],
                 actions=np.asarray(ep.actions, dtype=np.float32),
                 rewards=np.asarray(ep.rewards, dtype=np.float32),
@@ -311,8 +318,38 @@ def load_dataset(env_id: str, download: bool = True) -> tuple[dict, dict, gym.En
                 ref_min_score=ref[0], ref_max_score=ref[1], ref_source=ref_source,
                 n_transitions=int(len(data["rewards"])), n_episodes=sum(d.total_episodes for d in datasets),
                 n_transitions_per_dataset=[int(d.total_steps) for d in datasets],
+                action_noise=[d.storage.metadata.get("action_noise") for d in datasets],
                 minari_version=minari.__version__)
     return data, info, env
+
+
+def limit_coverage(data: dict, info: dict, args: Args) -> tuple[dict, dict]:
+    """Limited coverage (the paper claims robustness to it; how it is made is ours): keep a random subset of
+    D's episodes, --data-episodes of them or a --data-fraction, drawn with --data-seed. Everything after
+    this sees only the subset: the ensemble, the batches, rollout starts, the normalisation statistics,
+    the data's average return. Whole episodes are kept, so every kept transition keeps its true successor."""
+    n_ep = int(data["episode"].max()) + 1 if len(data["episode"]) else 0
+    k = args.data_episodes if args.data_episodes is not None else max(1, round(args.data_fraction * n_ep))
+    if k > n_ep:
+        raise DamoError(f"--data-episodes {k}: the dataset has only {n_ep} episodes; pass at most {n_ep}, or a "
+                        f"--data-fraction")
+    if k < n_ep:
+        keep = np.random.default_rng(args.data_seed).choice(n_ep, size=k, replace=False)
+        rows = np.isin(data["episode"], keep)
+        data = {key: v[rows] for key, v in data.items()}
+    n = len(data["rewards"])
+    need = args.dynamics_batch_size + min(int(0.2 * n), args.dynamics_holdout) if not args.bc else 2
+    if n < need:
+        what = f"--data-episodes {k}" if args.data_episodes is not None else f"--data-fraction {args.data_fraction}"
+        raise DamoError(f"{what} keeps {k} of {n_ep} episodes, {n} transitions: too few to train on (the ensemble needs "
+                        f"{need}: a batch of --dynamics-batch-size {args.dynamics_batch_size} after its holdout); "
+                        f"keep more episodes")
+    returns = np.bincount(np.unique(data["episode"], return_inverse=True)[1], weights=data["rewards"])
+    info = {**info, "n_transitions": n, "n_episodes": k, "data_return_mean": float(returns.mean()),
+            "data_score_mean": float(normalized_score(returns.mean(), info)) if info["ref_min_score"] is not None else None}
+    if k < n_ep:
+        info["coverage"] = {"episodes": k, "of_episodes": n_ep, "data_seed": args.data_seed}
+    return data, info
 
 
 def normalized_score(ret, info: dict):
@@ -878,6 +915,7 @@ def prepare_data(args: Args, device) -> Data:
         data, info, env = load_d4rl_hdf5(args.dataset_path, args.env_id)
     else:
         data, info, env = load_dataset(args.env_id, download=args.download)
+    data, info = limit_coverage(data, info, args)
     eval_envs = make_eval_envs(env, args.eval_episodes)
     term_fn = termination_fn_for(info["env_family"], data) if not args.bc else never_terminates
     obs_mean = torch.as_tensor(data["observations"].mean(0), device=device)
@@ -1063,7 +1101,8 @@ FLAG_RANGES = {
     "batch_size": (2, None, True), "actor_lr": (0, None, False), "critic_lr": (0, None, False),
     "alpha_ent_lr": (0, None, False), "n_critics": (1, None, True), "hidden": (1, None, True),
     "epochs": (1, None, True), "steps_per_epoch": (1, None, True), "eval_episodes": (1, None, True),
-    "eval_every": (1, None, True),
+    "eval_every": (1, None, True), "data_fraction": (0, 1, False), "data_episodes": (1, None, True),
+    "data_seed": (0, 2**32 - 1, True),
 }
 
 
@@ -1080,6 +1119,9 @@ def check_args(args: "Args"):
             raise DamoError(f"{flag} {v} is out of range; allowed: {rng}")
     if args.dynamics_only and (args.bc or args.dynamics_path):
         raise DamoError("--dynamics-only trains an ensemble; it cannot be combined with --bc or --dynamics-path")
+    if args.data_episodes is not None and args.data_fraction != 1.0:
+        raise DamoError(f"--data-episodes {args.data_episodes} and --data-fraction {args.data_fraction} both choose the "
+                        f"subset; pass one of them")
     if args.n_elites > args.n_ensemble:
         raise DamoError(f"--n-elites {args.n_elites} is more than --n-ensemble {args.n_ensemble}; allowed: 1..n_ensemble")
 
@@ -1269,6 +1311,7 @@ def load_d4rl_hdf5(path: str, env_id: str) -> tuple[dict, dict, gym.Env]:
     ends = (raw["terminals"] > 0.5) | (raw["timeouts"] > 0.5)
     data = {k: raw[k] for k in ("observations", "actions", "rewards", "next_observations")}
     data["terminals"] = (raw["terminals"] > 0.5).astype(np.float32)  # timeouts still bootstrap
+    data["episode"] = np.concatenate([[0], np.cumsum(ends[:-1])]).astype(np.int64)
     ref = D4RL_REF[family]
     info = dict(dataset_ids=[f"d4rl:{os.path.basename(path)}"], env_family=family, dataset=dataset_name(path),
                 eval_env_id=env.spec.id,

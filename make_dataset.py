@@ -18,7 +18,9 @@ the medium policy) is a mix of sources, each rolled for its own number of steps,
 
 Like Minari's generation scripts, actions are *sampled* from the policy (not its mean) unless
 `--deterministic` is given; that choice changes the data's return and coverage, so it is recorded
-in the dataset's description.
+in the dataset's description. `--action-noise SIGMA` makes noisy behaviour data (the paper's noisy
+setting): Gaussian noise on every action, clipped to the bounds, executed and recorded; SIGMA is kept
+in the dataset's metadata (`action_noise`), and damo.py copies it into each run's config.json.
 
 A policy file is a numpy .npz of float arrays W1 [obs, 256], b1, W2 [256, 256], b2, Wmu [256, act],
 bmu, Wls [256, act], bls (a 256-256 ReLU tanh-Gaussian MLP on the raw observation):
@@ -57,6 +59,9 @@ class Args:
     mix: tuple[str, ...] = ()
     """SOURCE:STEPS items rolled one after the other into one dataset (SOURCE: a policy .npz or `random`);
     replaces --policy/--steps"""
+    action_noise: float = 0.0
+    """std of Gaussian noise added to every behaviour action, which is then clipped to the action bounds,
+    executed and recorded (noisy behaviour data); stored in the dataset's metadata as `action_noise`"""
 
 
 class RandomPolicy:
@@ -67,6 +72,19 @@ class RandomPolicy:
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
         return self.rng.uniform(self.space.low, self.space.high)
+
+
+class NoisyPolicy:
+    """Noisy data: the behaviour's action plus N(0, sigma^2) per coordinate, clipped to the action box.
+    The noisy action is the one the env executes and the dataset records, so the data stay real
+    transitions of the real env; only the behaviour policy that made them is noisier."""
+
+    def __init__(self, policy, sigma: float, space: gym.spaces.Box, rng: np.random.Generator):
+        self.policy, self.sigma, self.space, self.rng = policy, sigma, space, rng
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        a = self.policy(obs)
+        return np.clip(a + self.sigma * self.rng.standard_normal(a.shape), self.space.low, self.space.high)
 
 
 class InputError(Exception):
@@ -151,9 +169,10 @@ def check_inputs(args: Args) -> tuple[gym.Env, list]:
     Returns the env and the sources [(name, weights or None for random, steps)]."""
     import minari
 
-    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)*-v\d+", args.dataset_id):
-        raise InputError(f"--dataset-id '{args.dataset_id}' is not a Minari id; expected namespace/name-vN, "
-                         f"e.g. mujoco/hopper/medium-v0 (damo.py's short id hopper-medium finds that one)")
+    if not re.fullmatch(r"[\w-]+(/[\w-]+)*-v\d+", args.dataset_id):  # Minari's own rule: no dots
+        raise InputError(f"--dataset-id '{args.dataset_id}' is not a Minari id; expected namespace/name-vN of letters, "
+                         f"digits, - and _, e.g. mujoco/hopper/medium-v0 (damo.py's short id hopper-medium finds that "
+                         f"one) or mujoco/hopper/medium-noise3-v0")
     root = minari.storage.get_dataset_path()
     if os.path.exists(os.path.join(root, args.dataset_id)) and not args.overwrite:
         raise InputError(f"dataset {args.dataset_id} already exists under {root}; pass --overwrite to replace it, or "
@@ -166,6 +185,8 @@ def check_inputs(args: Args) -> tuple[gym.Env, list]:
     sources = parse_mix(args.mix) if args.mix else [(args.policy, args.steps)]
     if not args.mix and args.steps < 1:
         raise InputError(f"--steps {args.steps}: a dataset needs at least 1 step")
+    if not (np.isfinite(args.action_noise) and args.action_noise >= 0):
+        raise InputError(f"--action-noise {args.action_noise}: the noise's std must be >= 0 (0: no noise), e.g. 0.1")
     return env, [(s, None if s == "random" else load_policy_weights(s, env), n) for s, n in sources]
 
 
@@ -183,6 +204,8 @@ def make_dataset(args: Args):
     buffers, returns, parts = [], [], []
     for i, (source, weights, steps) in enumerate(sources):
         policy = RandomPolicy(env.action_space, rng) if weights is None else NumpyPolicy(weights, args.deterministic, rng)
+        if args.action_noise > 0:
+            policy = NoisyPolicy(policy, args.action_noise, env.action_space, rng)
         # each source's episodes get seeds of their own (1000 apart), so that no two sources share a reset
         b, r = rollout_episodes(env, policy, steps, args.seed + 1000 * i, first_id=len(buffers))
         buffers, returns = buffers + b, returns + r.tolist()
@@ -191,6 +214,8 @@ def make_dataset(args: Args):
             print(parts[-1])
     returns = np.asarray(returns)
     mode = "mean action tanh(mu)" if args.deterministic else "sampled actions"
+    if args.action_noise > 0:
+        mode += f" + N(0, {args.action_noise}^2) noise, clipped"
     with warnings.catch_warnings():  # Minari recommends an e-mail, a code link and an eval env: none apply here
         warnings.filterwarnings("ignore", message=r"`(author_email|code_permalink|eval_env)` is set to None")
         dataset = minari.create_dataset_from_buffers(
@@ -202,6 +227,7 @@ def make_dataset(args: Args):
             description=f"{'; '.join(parts)} in {args.env_id}, {mode}, seed {args.seed}. "
             "Made locally by damo's make_dataset.py; not the hosted Minari dataset.",
         )
+    dataset.storage.update_metadata({"action_noise": float(args.action_noise)})  # damo.py records it per run
     print(
         f"wrote {args.dataset_id}: {dataset.total_steps} steps, {dataset.total_episodes} episodes, "
         f"return {returns.mean():.1f} +- {returns.std():.1f} ({mode}), {time.time() - t0:.0f}s, "

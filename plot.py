@@ -48,11 +48,12 @@ def variant_label(args: dict, family: str = "") -> str:
 
     d = damo.with_env_defaults(damo.Args(), family, damo.dataset_name(args.get("dataset_path") or args.get("env_id", "")))
     if args.get("bc"):
-        return "BC"
+        sub = [f"{k}={args[k]:g}" for k in ("data_fraction", "data_episodes") if args.get(k) not in (None, 1.0)]
+        return "BC" + (f" ({', '.join(sub)})" if sub else "")
     alpha, beta = args.get("alpha", d.alpha), args.get("beta", d.beta)
     name = "w/o ir" if alpha == 0 else "w/o er" if beta == 0 else "DAMO"
     knobs = ("alpha", "beta", "bc_coef", "bc_filter", "real_ratio", "rollout_length", "gamma", "tau", "actor_lr", "critic_lr",
-             "alpha_ent_lr", "backup_entropy")
+             "alpha_ent_lr", "backup_entropy", "data_fraction", "data_episodes")
     extra = [f"{k}={args[k]:g}" for k in knobs
              if k in args and args[k] != getattr(d, k) and not (k == "beta" and beta == 0)
              and not (alpha == 0 and k in ("alpha", "bc_coef", "bc_filter"))]  # inert at alpha 0
@@ -88,7 +89,8 @@ def read_run(path: str) -> dict:
                          f"the run diverged or the file was edited")
     return {"path": path, "env_id": cfg["args"]["env_id"], "variant": variant_label(cfg["args"], cfg.get("data", {}).get("env_family", "")),
             "seed": cfg["args"]["seed"], "steps": steps, "score": score, "return": ret,
-            "finished": os.path.exists(os.path.join(path, "results.json"))}
+            "finished": os.path.exists(os.path.join(path, "results.json")), "args": cfg["args"],
+            "data": cfg.get("data", {})}
 
 
 def find_runs(root: str) -> list[dict]:
@@ -184,6 +186,101 @@ def plot_curves(runs: list[dict], out: str, kind: str = "std", key: str = "score
 # ----------------------------------------------------------------------------------------------------
 
 
+# ----------------------------------------------------------------------------------------------------
+# sensitivity: last-10 score against one setting's value (the paper's Fig. 5, coverage, noise)
+# ----------------------------------------------------------------------------------------------------
+
+
+def setting_value(run: dict, param: str):
+    """The run's value of `param`: a damo.py flag from its config.json, or `action_noise`, the noise of the
+    behaviour data (make_dataset.py --action-noise, kept in the dataset's metadata; 0 when absent)."""
+    if param == "action_noise":
+        noise = [v for v in run["data"].get("action_noise") or [] if v is not None]
+        return float(max(noise)) if noise else 0.0
+    v = run["args"].get(param)
+    return None if v is None or isinstance(v, bool) else float(v)
+
+
+def sensitivity(runs: list[dict], param: str, out: str) -> tuple[list[dict], list[str]]:
+    """One panel per dataset (per environment for action_noise, whose datasets differ by noise): each
+    variant's last-10 score (mean of the last 10 evaluations) against `param`, mean +- population std over
+    seeds with every seed as a dot; a variant measured at one value only (e.g. BC in an alpha sweep) is a
+    horizontal line; the data's average episode (normalised) is a dashed grey line. Returns the table."""
+    import damo
+
+    if param != "action_noise" and param not in damo.Args.__dataclass_fields__:
+        raise damo.DamoError(f"unknown setting '{param}': pass a damo.py flag name (alpha, data_fraction, ...) or "
+                             f"action_noise")
+    rows = []
+    for r in runs:
+        if not r["finished"]:  # a last-10 of a run still going is not comparable
+            print(f"warning: {r['path']} has not finished; left out", file=sys.stderr)
+            continue
+        x = setting_value(r, param)
+        if x is None or len(r["score"]) == 0:
+            continue
+        family = r["data"].get("env_family", r["env_id"].split("-")[0])
+        labelled = {**r["args"], param: None} if param in r["args"] else r["args"]
+        rows.append({"panel": family if param == "action_noise" else r["env_id"], "variant":
+                     variant_label({k: v for k, v in labelled.items() if v is not None}, family),
+                     "x": x, "seed": r["seed"], "last10": float(np.mean(r["score"][-10:])),
+                     "data_score": r["data"].get("data_score_mean")})
+    if not rows:
+        raise damo.DamoError(f"no run has a value of '{param}' (a damo.py flag in config.json, or action_noise)")
+    panels = sorted({r["panel"] for r in rows}, key=dataset_key)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    table = []
+    for ax, panel in zip(axes[0], panels):
+        mine = [r for r in rows if r["panel"] == panel]
+        xs_all = sorted({r["x"] for r in mine})
+        for j, variant in enumerate(sorted({r["variant"] for r in mine}, key=lambda v: (v != "DAMO", v))):
+            pts = [r for r in mine if r["variant"] == variant]
+            xs = sorted({r["x"] for r in pts})
+            stats = [(x, np.array([r["last10"] for r in pts if r["x"] == x])) for x in xs]
+            table += [{"panel": panel, "variant": variant, param: x, "seeds": len(v), "mean": float(v.mean()),
+                       "std": float(v.std())} for x, v in stats]
+            color = f"C{j}"
+            if len(xs) == 1:  # measured at one value: a reference line
+                ax.axhline(stats[0][1].mean(), color=color, lw=1.2, label=f"{variant} ({param}={xs[0]:g})")
+                continue
+            m, sd = np.array([v.mean() for _, v in stats]), np.array([v.std() for _, v in stats])
+            ax.plot(xs, m, "-o", color=color, label=variant, ms=4)
+            ax.fill_between(xs, m - sd, m + sd, color=color, alpha=0.2)
+            for r in pts:
+                ax.plot(r["x"], r["last10"], ".", color=color, alpha=0.5, ms=3)
+        data = sorted({(r["x"], r["data_score"]) for r in mine if r["data_score"] is not None})
+        if data:
+            dx = [x for x, _ in data]
+            if len(set(dx)) == 1:
+                ax.axhline(data[0][1], color="grey", ls="--", lw=1, label="data average")
+            else:
+                ax.plot(dx, [y for _, y in data], "--", color="grey", lw=1, label="data average")
+        if len(xs_all) > 1 and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 10:
+            ax.set_xscale("log")
+        ax.set_xticks(xs_all, [f"{x:g}" for x in xs_all])
+        ax.set_title(panel, fontsize=10)
+        ax.set_xlabel(param)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("last-10 normalised score")
+    for ax in axes[0]:
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    paths = [f"{out}.png", f"{out}.pdf"]
+    for p in paths:
+        fig.savefig(p, dpi=150)
+    plt.close(fig)
+    with open(f"{out}.json", "w") as f:
+        json.dump(table, f, indent=2)
+    return table, [*paths, f"{out}.json"]
+
+
+def sensitivity_table(table: list[dict], param: str) -> str:
+    lines = [f"| dataset | variant | {param} | seeds | last-10 |", "|---|---|---|---|---|"]
+    lines += [f"| {t['panel']} | {t['variant']} | {t[param]:g} | {t['seeds']} | {t['mean']:.1f} +- {t['std']:.1f} |"
+              for t in table]
+    return "\n".join(lines)
+
+
 def diagnose(run: str, out: str | None = None, n: int = 2000, episodes: int = 5, seed: int = 0) -> dict:
     import torch
 
@@ -198,6 +295,7 @@ def diagnose(run: str, out: str | None = None, n: int = 2000, episodes: int = 5,
         data, info, env = damo.load_d4rl_hdf5(a.dataset_path, a.env_id)
     else:
         data, info, env = damo.load_dataset(a.env_id, download=False)
+    data, info = damo.limit_coverage(data, info, a)  # the run's own episodes (--data-fraction / --data-episodes)
     mean, std = ck["obs_mean"], ck["obs_std"]
     act_dim = data["actions"].shape[1]
     actor, dyn, disc, critic = ag.actor, ag.dynamics, ag.disc, ag.critic
@@ -542,6 +640,12 @@ USAGE = {
                   "    which one the critic ranks highest, and Eq. 7b's keep rate; which source's states 3 real episodes visit\n"
                   "    after their first 100 steps; for every snapshot of the run (damo.py --snapshot-every), else its\n"
                   "    checkpoint. Writes RUN/behaviours.json and, with snapshots, behaviours.png.",
+    "sensitivity": "python plot.py sensitivity RUNS SETTING [--out PATH]\n"
+                   "    last-10 score against one setting's value over the runs under RUNS: SETTING is a damo.py flag name\n"
+                   "    (alpha, data_fraction, data_episodes, ...) or action_noise (the behaviour data's noise, from\n"
+                   "    make_dataset.py --action-noise). One panel per dataset, mean +- std over seeds with every seed, a\n"
+                   "    variant run at one value only (BC) as a line, the data's average as a dashed line. Writes\n"
+                   "    PATH.{png,pdf,json} (default RUNS/../sensitivity_SETTING) and prints a markdown table.",
     "data": "python plot.py data ENV_ID [GAMMA]\n"
             "    per source dataset of a local Minari dataset (e.g. hopper-medium-expert): episodes, length, return,\n"
             "    reward per step, share terminated and the discounted return from the start at GAMMA (default 0.99).",
@@ -594,6 +698,34 @@ def main(argv: list[str]) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(json.dumps(res["checkpoints"][-1], indent=2))
+        return 0
+    if argv and argv[0] == "sensitivity":
+        import damo
+
+        rest = [a for a in argv[1:]]
+        out = None
+        if "--out" in rest:
+            i = rest.index("--out")
+            out = rest[i + 1] if i + 1 < len(rest) else None
+            rest = rest[:i] + rest[i + 2:]
+            if out is None:
+                print("error: --out needs a path", file=sys.stderr)
+                return 2
+        if len(rest) != 2:
+            print("usage: " + USAGE["sensitivity"], file=sys.stderr)
+            return 2
+        root, param = rest
+        out = out or os.path.join(os.path.dirname(os.path.abspath(root.rstrip("/"))), f"sensitivity_{param}")
+        try:
+            if not os.path.isdir(root):
+                raise damo.DamoError(f"the runs folder {root} does not exist")
+            damo.check_writable(os.path.dirname(os.path.abspath(out)), "--out")
+            table, paths = sensitivity(find_runs(root), param, out)
+        except damo.DamoError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(sensitivity_table(table, param))
+        print(f"\nwrote {', '.join(paths)}", file=sys.stderr)
         return 0
     if argv and argv[0] == "data":
         import damo

@@ -45,6 +45,8 @@ MANAGED = ("env_id", "seed", "runs_dir", "run_name", "resume", "dynamics_path", 
            "eval_only", "benchmark")
 SHARED_ENSEMBLE = ("n_ensemble", "n_elites", "dynamics_hidden", "dynamics_lr", "dynamics_batch_size",
                    "dynamics_max_epochs", "dynamics_patience", "dynamics_holdout", "dataset_path", "download")
+# a variant or grid value may train on a subset of the data: its runs get an ensemble of that subset
+DATA_SUBSET = ("data_fraction", "data_episodes", "data_seed")
 
 
 class SweepError(Exception):
@@ -59,6 +61,9 @@ class SweepArgs:
     """seeds of every variant on every dataset"""
     variants: tuple[str, ...] = ("damo", "bc")
     """damo, bc, wo_er, wo_ir, or NAME=FLAGS with damo.py flags of that variant"""
+    grid: tuple[str, ...] = ()
+    """FLAG=V1,V2,... (e.g. alpha=1,5,10): every variant at every value (several: every combination);
+    runs are named VARIANT_FLAGVALUE (damo_alpha5)"""
     sweep_dir: str = "sweeps/sweep"
     """folder of the sweep: dynamics/, runs/, logs/, curves.png"""
     address: Optional[str] = None
@@ -126,18 +131,23 @@ def plan(sa: SweepArgs, common: list[str]) -> tuple[list[dict], dict, object]:
         if not sep and name not in VARIANTS:
             raise SweepError(f"unknown variant '{v}'; use {', '.join(VARIANTS)} or NAME=FLAGS "
                              f"(e.g. \"fast=--tau 0.01\")")
-        if sep and (not name or not name.replace("_", "").replace("-", "").isalnum()):
-            raise SweepError(f"variant '{v}': NAME must be letters, digits, - or _ (it names run folders)")
+        if sep and (not name or not name.replace("_", "").replace("-", "").replace(".", "").isalnum()):
+            raise SweepError(f"variant '{v}': NAME must be letters, digits, -, _ or . (it names run folders)")
         flags = VARIANTS[name] if not sep else rest.split()
+        variants[name] = flags
+    if len(variants) != len(sa.variants):
+        raise SweepError(f"two variants share a name in {list(sa.variants)}")
+    expanded = grid_variants(variants, sa.grid)
+    variants = {}
+    for name, flags in expanded.items():
         args, given = parse_flags([*common, *flags], f"variant '{name}'")
         shared = sorted(given & set(SHARED_ENSEMBLE) - damo.explicit_flags(common))
         if shared:
             names = ", ".join("--" + f.replace("_", "-") for f in shared)
             raise SweepError(f"variant '{name}': {names} would change the ensemble, which all runs of a dataset "
                              f"share; put it in the common flags")
-        variants[name] = (flags, args.bc)
-    if len(variants) != len(sa.variants):
-        raise SweepError(f"two variants share a name in {list(sa.variants)}")
+        variants[name] = (flags, args.bc, tuple((f, getattr(args, f)) for f in DATA_SUBSET
+                                                if getattr(args, f) != getattr(damo.Args(), f)))
     if not base.download:  # the data must be here already: say which is missing now, not in a task
         for env_id in sa.env_ids:
             try:
@@ -146,16 +156,18 @@ def plan(sa: SweepArgs, common: list[str]) -> tuple[list[dict], dict, object]:
                 raise SweepError(str(e)) from None
     root = os.path.abspath(sa.sweep_dir)
     steps = base.epochs * base.steps_per_epoch
-    ensembles = {e: {"name": e.replace("/", "-"), "env_id": e, "kind": "ensemble",
-                     "run_dir": os.path.join(root, "dynamics", e.replace("/", "-")),
-                     "argv": [*common, "--env-id", e, "--dynamics-only"]} for e in sa.env_ids}
-    runs = []
+    ensembles, runs = {}, []  # one ensemble per dataset (and per data subset a variant trains on)
     for env_id in sa.env_ids:
-        for name, (flags, is_bc) in variants.items():
+        for name, (flags, is_bc, subset) in variants.items():
+            key = env_id.replace("/", "-") + "".join(f"__{f}{v}" for f, v in subset)
+            sub_flags = [x for f, v in subset for x in ("--" + f.replace("_", "-"), str(v))]
+            ensembles.setdefault(key, {"name": key, "env_id": env_id, "kind": "ensemble",
+                                       "run_dir": os.path.join(root, "dynamics", key),
+                                       "argv": [*common, *sub_flags, "--env-id", env_id, "--dynamics-only"]})
             for seed in sa.seeds:
                 run = f"{env_id.replace('/', '-')}__{name}__{seed}"
                 runs.append({"name": run, "env_id": env_id, "bc": is_bc, "steps": steps, "epochs": base.epochs,
-                             "run_dir": os.path.join(root, "runs", run), "kind": "run",
+                             "run_dir": os.path.join(root, "runs", run), "kind": "run", "ensemble": key,
                              "argv": [*common, *flags, "--env-id", env_id, "--seed", str(seed)]})
     for spec in [*runs, *ensembles.values()]:
         suffix = ".dynamics.log" if spec["kind"] == "ensemble" else ".log"
@@ -163,6 +175,28 @@ def plan(sa: SweepArgs, common: list[str]) -> tuple[list[dict], dict, object]:
         spec["threads"] = sa.cpus_per_run
     check_same_sweep(root, base)
     return runs, ensembles, base
+
+
+def grid_variants(variants: dict, grid: tuple) -> dict:
+    """Each variant at every combination of the --grid values: {name: flags}, e.g. damo_alpha5: [--alpha 5]."""
+    import itertools
+
+    axes = []
+    for item in grid:
+        flag, sep, values = item.partition("=")
+        vals = [v for v in values.split(",") if v]
+        if not sep or not flag.lstrip("-") or not vals:
+            raise SweepError(f"--grid item '{item}' is not FLAG=V1,V2,... (e.g. alpha=1,5,10)")
+        flag = flag.lstrip("-").replace("-", "_")
+        if flag in MANAGED:
+            raise SweepError(f"--grid {flag}: --{flag.replace('_', '-')} is set by the sweep for each run")
+        axes.append([(flag, v) for v in vals])
+    out = {}
+    for name, flags in variants.items():
+        for combo in itertools.product(*axes):
+            suffix = "".join(f"_{f}{v}" for f, v in combo)
+            out[name + suffix] = [*flags, *(x for f, v in combo for x in ("--" + f.replace("_", "-"), v))]
+    return out
 
 
 def common_record(base) -> dict:
@@ -322,7 +356,7 @@ def run_sweep(sa: SweepArgs, common: list[str]) -> int:
         if sa.address:
             ray.init(address=sa.address, **init)
         else:
-            ray.init(num_cpus=sa.num_cpus, **init)
+            ray.init(address="local", num_cpus=sa.num_cpus, **init)  # a new Ray of its own, never one found running
     except Exception as e:
         hint = ""
         if sa.address:  # what Ray says is only "Failed to connect"; the usual cause on a cluster is its token
@@ -339,15 +373,15 @@ def run_sweep(sa: SweepArgs, common: list[str]) -> int:
           file=sys.stderr)
     task = ray.remote(execute)
     opts = {"num_cpus": sa.cpus_per_run, "num_gpus": sa.gpus_per_run, "max_retries": 3}
-    needed = [spec for e, spec in ensembles.items() if any(r["env_id"] == e and not r["bc"] for r in runs)]
+    needed = [spec for e, spec in ensembles.items() if any(r["ensemble"] == e and not r["bc"] for r in runs)]
     specs, results, t0 = [*needed, *runs], {}, time.time()
     # what a previous sweep finished is not queued again (each task checks once more when it starts)
     results.update({s["name"]: {**{k: s[k] for k in ("name", "kind", "run_dir", "log")}, "status": "skipped"}
                     for s in specs if finished(s)})
-    ens = {s["env_id"]: results.get(s["name"]) or task.options(**opts).remote(s, HERE) for s in needed}
-    refs = {ens[s["env_id"]]: s for s in needed if s["name"] not in results}
+    ens = {s["name"]: results.get(s["name"]) or task.options(**opts).remote(s, HERE) for s in needed}
+    refs = {ens[s["name"]]: s for s in needed if s["name"] not in results}
     # a run's ensemble (or its result) is an argument: Ray starts the run once the ensemble task has returned
-    refs.update({task.options(**opts).remote(r, HERE, None if r["bc"] else ens[r["env_id"]]): r
+    refs.update({task.options(**opts).remote(r, HERE, None if r["bc"] else ens[r["ensemble"]]): r
                  for r in runs if r["name"] not in results})
     pending = list(refs)
     print(progress(specs, results, t0), file=sys.stderr, flush=True)

@@ -9,6 +9,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -606,6 +607,8 @@ def test_make_dataset_bad_inputs_fail_before_any_rollout(tmp_path):
         (["--policy", hc], ["17-d observations", "Hopper-v5 has 11", "--env-id"]),
         (["--env-id", "Hoper-v5", "--policy", hop], ["--env-id Hoper-v5", "Hopper"]),
         (["--dataset-id", "hopper-medium", "--policy", hop], ["--dataset-id 'hopper-medium'", "namespace/name-vN"]),
+        (["--dataset-id", "mujoco/hopper/noise0.3-v0"], ["'mujoco/hopper/noise0.3-v0'", "letters, digits, - and _"]),
+        (["--action-noise", "nan"], ["--action-noise nan", ">= 0"]),
         (["--steps", "0"], ["--steps 0"]),
         (["--steps", "-5"], ["--steps -5"]),
         (["--mix", "random:0"], ["random:0", "STEPS >= 1"]),
@@ -1397,3 +1400,148 @@ def test_snapshots_and_plot_behaviours(minari_root, e2e_run, tmp_path):
     assert res["checkpoints"][0]["real_return_mean"] == pytest.approx(float(rets.mean()), rel=1e-6)
     bad = run_plot(["behaviours", str(e2e_run), str(POLICIES / "halfcheetah-sac-60k.npz")], minari_root)
     assert bad.returncode == 2 and "17-d observations" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# the paper's other experiments: limited coverage, noisy data, sensitivity
+# --------------------------------------------------------------------------------------------------
+
+
+def test_limited_coverage_keeps_a_seeded_subset_of_whole_episodes(minari_root, e2e_run, tmp_path):
+    """--data-fraction / --data-episodes: whole episodes drawn with --data-seed (not the run's seed), and
+    every part of a run sees only them: config.json, the normalisation, the ensemble, resume, BC."""
+    data, info, _ = damo.load_dataset("hopper-medium-expert", download=False)
+    n_ep = info["n_episodes"]
+    sub, sinfo = damo.limit_coverage(data, info, damo.Args(data_fraction=0.5))
+    kept = np.unique(sub["episode"])
+    assert len(kept) == round(0.5 * n_ep) == sinfo["n_episodes"] and sinfo["coverage"]["of_episodes"] == n_ep
+    assert all((sub["episode"] == e).sum() == (data["episode"] == e).sum() for e in kept)  # whole episodes
+    assert sinfo["n_transitions"] == len(sub["rewards"]) < len(data["rewards"])
+    same, _ = damo.limit_coverage(data, info, damo.Args(data_fraction=0.5, seed=9))
+    other, _ = damo.limit_coverage(data, info, damo.Args(data_fraction=0.5, data_seed=1))
+    assert np.array_equal(same["episode"], sub["episode"]) and not np.array_equal(other["episode"], sub["episode"])
+    full, finfo = damo.limit_coverage(data, info, damo.Args())
+    assert len(full["rewards"]) == len(data["rewards"]) and "coverage" not in finfo
+    returns = [data["rewards"][data["episode"] == e].sum() for e in range(n_ep)]
+    assert finfo["data_return_mean"] == pytest.approx(np.mean(returns), rel=1e-5)
+
+    k = max(2, n_ep // 3)
+    p = run_cli(["--env-id", "hopper-medium-expert", "--runs-dir", str(tmp_path), "--run-name", "part", "--no-download",
+                 *TINY, "--data-episodes", str(k), "--data-seed", "4"], minari_root)
+    assert p.returncode == 0, p.stderr[-3000:]
+    cfg = json.load(open(tmp_path / "part" / "config.json"))
+    part, pinfo = damo.limit_coverage(data, info, damo.Args(data_episodes=k, data_seed=4))
+    assert cfg["data"]["n_episodes"] == k and cfg["data"]["n_transitions"] == len(part["rewards"])
+    assert cfg["data"]["coverage"] == {"episodes": k, "of_episodes": n_ep, "data_seed": 4}
+    ck = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)
+    assert torch.allclose(ck["obs_mean"], torch.as_tensor(part["observations"].mean(0)), atol=1e-5)
+    # an ensemble of all the data is refused for a subset run; a resume cannot change the subset
+    cases = [["--env-id", "hopper-medium-expert", "--runs-dir", str(tmp_path), "--run-name", "x", "--no-download", *TINY,
+              "--data-episodes", str(k), "--data-seed", "4", "--dynamics-path", str(e2e_run / "dynamics.pt")],
+             ["--resume", str(tmp_path / "part"), "--data-seed", "5", "--epochs", "3"]]
+    (c1, e1), (c2, e2) = run_many("damo.py", cases, minari_root)
+    error_line(c1, e1, "--dynamics-path")
+    error_line(c2, e2, "--data-seed")
+    p = run_cli(["--resume", str(tmp_path / "part"), "--epochs", "3"], minari_root)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.load(open(tmp_path / "part" / "results.json"))["global_steps"] == 300
+    p = run_cli(["--env-id", "mujoco/hopper/medium-v0", "--bc", "--runs-dir", str(tmp_path), "--run-name", "bcpart",
+                 "--no-download", *TINY, "--data-fraction", "0.25"], minari_root)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.load(open(tmp_path / "bcpart" / "config.json"))["data"]["coverage"]["episodes"] == round(
+        0.25 * damo.load_dataset("mujoco/hopper/medium-v0", download=False)[1]["n_episodes"])
+
+
+def test_limited_coverage_bad_values_fail_before_the_run_folder(minari_root, tmp_path):
+    base = ["--env-id", "hopper-medium-expert", "--runs-dir", str(tmp_path), "--no-download", *TINY]
+    cases = [([*base, "--data-fraction", "0"], ["--data-fraction 0.0 is out of range", "(0, 1]"]),
+             ([*base, "--data-fraction", "1.5"], ["--data-fraction 1.5 is out of range"]),
+             ([*base, "--data-episodes", "0"], ["--data-episodes 0 is out of range"]),
+             ([*base, "--data-episodes", "100000"], ["--data-episodes 100000", "only"]),
+             ([*base, "--data-episodes", "1", "--dynamics-batch-size", "4000"], ["keeps 1 of", "too few", "keep more episodes"]),
+             ([*base, "--data-episodes", "3", "--data-fraction", "0.5"], ["pass one of them"])]
+    for (argv, must), (code, err) in zip(cases, run_many("damo.py", [a for a, _ in cases], minari_root)):
+        error_line(code, err, *must)
+    assert not any(tmp_path.iterdir())
+
+
+def test_make_dataset_action_noise(tmp_path, monkeypatch):
+    """--action-noise: the executed and recorded action is the behaviour's plus Gaussian noise, clipped to
+    the bounds; the same seed without noise gives other actions; the scale is in the metadata."""
+    import minari
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    build("mujoco/hopper/clean-v0", "hopper-medium.npz", 600, 0, deterministic=True)
+    build("mujoco/hopper/noisy-v0", "hopper-medium.npz", 600, 0, deterministic=True, action_noise=0.5)
+    clean, noisy = (minari.load_dataset(f"mujoco/hopper/{n}-v0") for n in ("clean", "noisy"))
+    assert noisy.storage.metadata["action_noise"] == 0.5 and clean.storage.metadata["action_noise"] == 0.0
+    ep_c, ep_n = next(clean.iterate_episodes()), next(noisy.iterate_episodes())
+    a = np.asarray(ep_n.actions)
+    assert a.min() >= -1 and a.max() <= 1 and np.isclose(np.abs(a), 1).mean() > 0.05  # clipped at the bounds
+    # the first step starts from the same reset: the noisy action is the clean one plus noise of std ~0.5
+    assert np.allclose(ep_c.observations[0], ep_n.observations[0]) and not np.allclose(ep_c.actions[0], a[0])
+    env = gym.make("Hopper-v5")  # and it is what the env executed: replaying it reproduces the next state
+    env.reset(seed=0)  # make_dataset: episode k of the first source resets with --seed + k
+    obs, *_ = env.step(a[0])
+    assert np.allclose(obs, ep_n.observations[1], atol=1e-6)
+    pol = make_dataset.NumpyPolicy(make_dataset.load_policy_weights(str(POLICIES / "hopper-medium.npz"), env), True, None)
+    dev = np.concatenate([a[t] - pol(np.asarray(ep_n.observations[t])) for t in range(len(a))])
+    inside = np.abs(np.concatenate([pol(np.asarray(o)) for o in ep_n.observations[:-1]]) + dev) < 0.999
+    assert 0.35 < dev[inside].std() < 0.65
+    data, info, _ = damo.load_dataset("mujoco/hopper/noisy-v0", download=False)
+    assert info["action_noise"] == [0.5]
+    code, err = run_many("make_dataset.py", [["--dataset-id", "mujoco/hopper/bad-v0", "--action-noise", "-0.1"]],
+                         tmp_path)[0]
+    error_line(code, err, "--action-noise -0.1", ">= 0")
+
+
+def test_sweep_grid_expands_variants_and_subset_ensembles(minari_root):
+    """--grid FLAG=V1,V2: every variant at every value, named VARIANT_FLAGVALUE; a data subset gets an
+    ensemble of its own (a full-data ensemble would see episodes the runs must not)."""
+    import sweep
+
+    sa = sweep.SweepArgs(env_ids=("hopper-medium-expert",), seeds=(0, 1), variants=("damo", "bc"),
+                         grid=("data_fraction=1,0.3",), sweep_dir="unused")
+    runs, ens, _ = sweep.plan(sa, ["--no-download"])
+    assert sorted({r["name"].split("__")[1] for r in runs}) == ["bc_data_fraction0.3", "bc_data_fraction1",
+                                                                 "damo_data_fraction0.3", "damo_data_fraction1"]
+    assert sorted(ens) == ["hopper-medium-expert", "hopper-medium-expert__data_fraction0.3"]
+    assert ens["hopper-medium-expert__data_fraction0.3"]["argv"][-5:] == ["--data-fraction", "0.3", "--env-id",
+                                                                          "hopper-medium-expert", "--dynamics-only"]
+    r = next(r for r in runs if r["name"] == "hopper-medium-expert__damo_data_fraction0.3__1")
+    assert r["ensemble"] == "hopper-medium-expert__data_fraction0.3" and r["argv"][-6:-4] == ["--data-fraction", "0.3"]
+    runs, ens, _ = sweep.plan(sweep.SweepArgs(env_ids=("hopper-medium-expert",), seeds=(0,), variants=("damo",),
+                                              grid=("alpha=1,5", "tau=0.01,0.02"), sweep_dir="unused"), ["--no-download"])
+    assert len(runs) == 4 and list(ens) == ["hopper-medium-expert"]
+    assert "hopper-medium-expert__damo_alpha5_tau0.02__0" in {r["name"] for r in runs}
+    for grid, must in [(("alpha",), "not FLAG=V1,V2"), (("seed=1,2",), "set by the sweep"),
+                       (("alpha=-1",), "--alpha -1.0 is out of range"), (("n_ensemble=7,9",), "share")]:
+        with pytest.raises(sweep.SweepError, match=re.escape(must)):
+            sweep.plan(sweep.SweepArgs(env_ids=("hopper-medium-expert",), seeds=(0,), variants=("damo",), grid=grid,
+                                       sweep_dir="unused"), ["--no-download"])
+
+
+def test_plot_sensitivity_from_runs(minari_root, tmp_path):
+    """plot.py sensitivity RUNS data_fraction: the last-10 of each run at its value, mean over seeds."""
+    runs = tmp_path / "runs"
+    argvs = [["--env-id", "mujoco/hopper/medium-v0", "--bc", "--runs-dir", str(runs), "--run-name", f"bc_{f}_{s}",
+              "--no-download", *TINY, "--epochs", "3", "--seed", str(s), "--data-fraction", str(f)]
+             for f in (1.0, 0.5) for s in (0, 1)]
+    for code, err in run_many("damo.py", argvs, minari_root):
+        assert code == 0, err[-2000:]
+    (runs / "unfinished").mkdir()  # a run still going: left out, with a warning
+    (runs / "unfinished" / "config.json").write_text((runs / "bc_0.5_0" / "config.json").read_text())
+    (runs / "unfinished" / "eval.csv").write_text((runs / "bc_0.5_0" / "eval.csv").read_text())
+    p = run_plot(["sensitivity", str(runs), "data_fraction", "--out", str(tmp_path / "sens")], minari_root)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "unfinished has not finished" in p.stderr
+    table = json.load(open(tmp_path / "sens.json"))
+    last10 = lambda r: np.mean([float(x["normalized_score"]) for x in csv.DictReader(open(runs / r / "eval.csv"))][-10:])  # noqa: E731
+    for f in (1.0, 0.5):
+        row = next(t for t in table if t["data_fraction"] == f)
+        assert row["seeds"] == 2 and row["mean"] == pytest.approx(np.mean([last10(f"bc_{f}_{s}") for s in (0, 1)]), abs=1e-4)
+    assert f"| BC | 0.5 | 2 |" in p.stdout and (tmp_path / "sens.png").read_bytes()[:4] == b"\x89PNG"
+    for argv, must in [(["sensitivity", str(runs), "nope"], "unknown setting 'nope'"),
+                       (["sensitivity", str(tmp_path / "none"), "alpha"], "does not exist")]:
+        q = run_plot(argv, minari_root)
+        error_line(q.returncode, q.stderr, must)
