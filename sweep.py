@@ -2,14 +2,18 @@
 
     python sweep.py --env-ids halfcheetah-medium walker2d-medium --seeds 0 1 2 --variants damo bc wo_er wo_ir \
         --sweep-dir sweeps/table -- --epochs 30 --rollout-batch-size 10000 --no-download
+    python sweep.py ... --variants damo --grid alpha=0.5,1,2,5,10,20   # every variant at every value
     python sweep.py ... --address ray-head:6379            # the same sweep on an existing Ray cluster
 
 Everything after `--` is damo.py flags shared by every run. A variant is `damo` (the defaults), `bc`
 (--bc), `wo_er` (--beta 0), `wo_ir` (--alpha 0), or `NAME=FLAGS` (e.g. "unfiltered=--no-bc-filter").
+On a cluster started with token authentication (Ray's default for `ray start --head`), this machine
+needs the cluster's token: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (README "Sweeps").
 
 What a sweep does:
 - one dynamics ensemble per dataset (damo.py --dynamics-only, in SWEEP/dynamics/ENV_ID/), trained once;
-  the runs of that dataset wait for it and get it with --dynamics-path (BC runs need none);
+  the runs of that dataset wait for it and get it with --dynamics-path (BC runs need none); runs on a
+  subset of the data (--data-fraction, --data-episodes, --data-seed) get an ensemble of that subset;
 - every run is an ordinary damo.py run in SWEEP/runs/ENV_ID__VARIANT__SEED/ (plot.py and --eval-only
   work on it), its output in SWEEP/logs/; each one is a Ray task with --cpus-per-run CPUs (its torch
   threads) and --gpus-per-run GPUs (fractions let several small runs share one GPU);

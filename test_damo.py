@@ -1345,13 +1345,15 @@ def test_sweep_on_a_ray_cluster_survives_a_lost_node(minari_root, tmp_path):
 
 
 def test_plot_help_lists_and_documents_every_command(tmp_path):
-    """`plot.py --help` names the three commands; each command's --help documents it (exit 0, no run, no
+    """`plot.py --help` names every command; each command's --help documents it (exit 0, no run, no
     error), and a command without its argument still fails with its usage."""
     top = run_plot(["--help"], tmp_path)
     assert top.returncode == 0, top.stderr
-    for name in ("diagnose runs/RUN", "data ENV_ID", "--band", "curves --help"):
+    for name in ("diagnose runs/RUN", "data ENV_ID", "--band", "curves --help", "behaviours runs/RUN",
+                 "sensitivity RUNS SETTING"):
         assert name in top.stdout, (name, top.stdout)
-    for command, words in (("diagnose", "Monte-Carlo return"), ("data", "discounted return")):
+    for command, words in (("diagnose", "Monte-Carlo return"), ("data", "discounted return"),
+                           ("behaviours", "Eq. 7b"), ("sensitivity", "last-10 score against")):
         res = run_plot([command, "--help"], tmp_path)
         assert res.returncode == 0 and words in res.stdout and "error" not in res.stderr, (command, res)
         assert run_plot([command], tmp_path).returncode == 2
