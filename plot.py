@@ -241,10 +241,12 @@ def sensitivity(runs: list[dict], param: str, out: str) -> tuple[list[dict], lis
                        "std": float(v.std())} for x, v in stats]
             color = f"C{j}"
             if len(xs) == 1:  # measured at one value: a reference line
-                ax.axhline(stats[0][1].mean(), color=color, lw=1.2, label=f"{variant} ({param}={xs[0]:g})")
+                label = variant if variant.startswith("BC") else f"{variant} ({param}={xs[0]:g})"  # BC has no alpha
+                ax.axhline(stats[0][1].mean(), color=color, lw=1.2, label=f"{label}, n={len(stats[0][1])}")
                 continue
             m, sd = np.array([v.mean() for _, v in stats]), np.array([v.std() for _, v in stats])
-            ax.plot(xs, m, "-o", color=color, label=variant, ms=4)
+            ax.plot(xs, m, "-o", color=color, label=f"{variant}, seeds per value: "
+                    + ",".join(str(len(v)) for _, v in stats), ms=4)
             ax.fill_between(xs, m - sd, m + sd, color=color, alpha=0.2)
             for r in pts:
                 ax.plot(r["x"], r["last10"], ".", color=color, alpha=0.5, ms=3)
