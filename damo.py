@@ -202,6 +202,8 @@ class Args:
     """continue a killed or finished run from RUN/checkpoint.pt with its own settings (--epochs may grow)"""
     eval_only: Optional[str] = None
     """evaluate a run's checkpoint (folder or checkpoint.pt) for --eval-episodes episodes, print, exit"""
+    obs_noise: float = 0.0
+    """with --eval-only: N(0, SIGMA^2) noise on every observation the policy sees, SIGMA in units of the data's per-dimension std (the environment itself is unchanged): robustness at deployment"""
     capture_video: bool = False
     """with --eval-only: MP4 of the first episode in videos/ beside the checkpoint (needs MUJOCO_GL=egl or osmesa)"""
     benchmark: bool = False
@@ -861,7 +863,7 @@ def make_eval_envs(env: gym.Env, n: int) -> list[gym.Env]:
 
 @torch.no_grad()
 def evaluate(actor: Actor, envs: list[gym.Env], seed: int, obs_mean, obs_std, device, pick: Optional[Callable] = None,
-             record: Optional[list] = None) -> np.ndarray:
+             record: Optional[list] = None, obs_noise: float = 0.0) -> np.ndarray:
     """Deterministic policy tanh(mu) in the real env: one episode per env, episode k in envs[k] reset
     with seed + k, all stepped in lockstep with one batched actor forward per step; raw returns [k].
     The forward runs in float64 on a copy of the actor: float32 matmuls of 1 row and of 10 rows round
@@ -869,17 +871,24 @@ def evaluate(actor: Actor, envs: list[gym.Env], seed: int, obs_mean, obs_std, de
     on how many episodes share the batch; in float64 it is the one-episode-at-a-time return
     (test_batched_evaluation_equals_sequential).
     pick: another way to act, normalised float64 states [n, obs] -> actions [n, act] (plot.py diagnose:
-    the critic's choice); record: a list that receives, per episode, its (obs, act, next_obs, reward) steps."""
+    the critic's choice); record: a list that receives, per episode, its (obs, act, next_obs, reward) steps;
+    obs_noise: the policy sees its normalised state plus N(0, obs_noise^2) per dimension (a sensor-noise test
+    of the trained policy, --eval-only --obs-noise), episode k's draws seeded by seed + k, like its reset."""
     pi = copy.deepcopy(actor).double()
     pick = pick or pi.act
     mean, std = obs_mean.double(), obs_std.double()
     obs = np.stack([env.reset(seed=seed + k)[0] for k, env in enumerate(envs)]).astype(np.float64)
     returns, running = np.zeros(len(envs)), np.ones(len(envs), dtype=bool)
+    noise = [np.random.default_rng([seed + k, 1]) for k in range(len(envs))]  # per episode: batching changes nothing
     if record is not None:
         record[:] = [[] for _ in envs]
     while running.any():
         live = np.flatnonzero(running)
-        act = pick((torch.as_tensor(obs[live], device=device) - mean) / std).cpu().numpy()
+        seen = (torch.as_tensor(obs[live], device=device) - mean) / std
+        if obs_noise > 0:
+            eps = np.stack([noise[k].standard_normal(seen.shape[1]) for k in live])
+            seen = seen + obs_noise * torch.as_tensor(eps, device=device)
+        act = pick(seen).cpu().numpy()
         for k, a in zip(live, act):
             o2, r, term, trunc, _ = envs[k].step(a)
             if record is not None:
@@ -1102,7 +1111,7 @@ FLAG_RANGES = {
     "alpha_ent_lr": (0, None, False), "n_critics": (1, None, True), "hidden": (1, None, True),
     "epochs": (1, None, True), "steps_per_epoch": (1, None, True), "eval_episodes": (1, None, True),
     "eval_every": (1, None, True), "data_fraction": (0, 1, False), "data_episodes": (1, None, True),
-    "data_seed": (0, 2**32 - 1, True),
+    "data_seed": (0, 2**32 - 1, True), "obs_noise": (0, None, True),
 }
 
 
@@ -1122,6 +1131,9 @@ def check_args(args: "Args"):
     if args.data_episodes is not None and args.data_fraction != 1.0:
         raise DamoError(f"--data-episodes {args.data_episodes} and --data-fraction {args.data_fraction} both choose the "
                         f"subset; pass one of them")
+    if args.obs_noise and not args.eval_only:
+        raise DamoError(f"--obs-noise {args.obs_noise} perturbs what a saved policy sees at --eval-only; training "
+                        f"evaluations stay clean. Evaluate a finished run: --eval-only RUN --obs-noise {args.obs_noise}")
     if args.n_elites > args.n_ensemble:
         raise DamoError(f"--n-elites {args.n_elites} is more than --n-ensemble {args.n_ensemble}; allowed: 1..n_ensemble")
 
@@ -1616,19 +1628,20 @@ def eval_only(args: Args) -> dict:
     video_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "videos")
     env = make_video_env(env_id, video_dir, f"step{ck['global_step']}") if args.capture_video else gym.make(env_id)
     envs = [env] + [gym.make(env_id) for _ in range(args.eval_episodes - 1)]  # the video shows episode 0
-    rets = evaluate(ag.actor, envs, args.seed + 10_000, ck["obs_mean"], ck["obs_std"], "cpu")
+    rets = evaluate(ag.actor, envs, args.seed + 10_000, ck["obs_mean"], ck["obs_std"], "cpu", obs_noise=args.obs_noise)
     for e in envs:
         e.close()  # RecordVideo writes the MP4 here
     norm = normalized_score(rets, ck["data"])
     out = {"checkpoint": path, "global_step": ck["global_step"], "env": env_id,
-           "episodes": args.eval_episodes, "return_mean": float(rets.mean()), "return_std": float(rets.std()),
+           "episodes": args.eval_episodes, "obs_noise": args.obs_noise, "return_mean": float(rets.mean()), "return_std": float(rets.std()),
            "normalized_score": float(norm.mean()), "score_reference": ck["data"]["ref_source"], "returns": rets.tolist()}
     if args.capture_video:
         out["video"] = os.path.join(video_dir, f"step{ck['global_step']}-episode-0.mp4")
         if not os.path.isfile(out["video"]):
             raise DamoError(f"--capture-video: no video was written to {video_dir} (moviepy/ffmpeg failed silently?)")
     print(f"{path} (step {ck['global_step']}): return {rets.mean():.1f} +- {rets.std():.1f} over {args.eval_episodes} "
-          f"episodes in {out['env']}, normalised score {norm.mean():.1f} ({out['score_reference']})"
+          f"episodes in {out['env']}" + (f" with observation noise {args.obs_noise} std" if args.obs_noise else "")
+          + f", normalised score {norm.mean():.1f} ({out['score_reference']})"
           + (f", video {out['video']}" if args.capture_video else ""), file=sys.stderr)
     print(json.dumps(out))
     return out

@@ -690,6 +690,11 @@ def test_batched_evaluation_equals_sequential(env_id):
     assert len(set(batched.round(6))) == 4  # the seeds differ, so do the episodes
     # and a second call on the same envs gives the same returns again (resets, no leftover state)
     np.testing.assert_array_equal(damo.evaluate(actor, envs, 500, mean, std, "cpu"), batched)
+    # observation noise (--eval-only --obs-noise): episode k's draws do not depend on the batch either
+    noisy = damo.evaluate(actor, envs, 500, mean, std, "cpu", obs_noise=0.5)
+    alone = [damo.evaluate(actor, [gym.make(env_id)], 500 + k, mean, std, "cpu", obs_noise=0.5)[0] for k in range(4)]
+    np.testing.assert_allclose(noisy, alone, rtol=1e-9)
+    assert not np.allclose(noisy, batched)  # the noise reaches the policy
 
 
 @pytest.mark.parametrize("real_ratio", [0.5, 0.05])
@@ -910,6 +915,17 @@ def test_eval_only_reproduces_logged_evaluation_and_rejects_corrupt_checkpoint(m
     assert out["global_step"] == 200 and out["env"] == "Hopper-v5" and len(out["returns"]) == 2
     assert out["return_mean"] == pytest.approx(float(last["return_mean"]), rel=1e-4)
     assert out["normalized_score"] == pytest.approx(float(last["normalized_score"]), rel=1e-4)
+    # --obs-noise: the same episodes (seeds) with a perturbed view; seeded, so a second call repeats it
+    noisy = [run_cli(["--eval-only", str(e2e_run), "--eval-episodes", "2", "--seed", "3", "--obs-noise", "1"],
+                     minari_root) for _ in range(2)]
+    assert all(q.returncode == 0 for q in noisy), noisy[0].stderr[-3000:]
+    n0, n1 = (json.loads(q.stdout.strip().splitlines()[-1]) for q in noisy)
+    assert n0["obs_noise"] == 1.0 and n0["returns"] == n1["returns"] and n0["returns"] != out["returns"]
+    assert "observation noise 1.0" in noisy[0].stderr
+    for bad_flags, says in ((["--eval-only", str(e2e_run), "--obs-noise", "-0.1"], "--obs-noise -0.1 is out of range"),
+                            (["--env-id", "hopper-medium-expert", "--obs-noise", "0.1"], "--eval-only RUN --obs-noise 0.1")):
+        q = run_cli(bad_flags, minari_root)
+        assert q.returncode == 2 and says in q.stderr and "Traceback" not in q.stderr, q.stderr[-2000:]
     bad = tmp_path / "checkpoint.pt"
     bad.write_bytes((e2e_run / "checkpoint.pt").read_bytes()[:1000])  # truncated
     p = run_cli(["--eval-only", str(bad)], minari_root)
