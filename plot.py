@@ -4,6 +4,7 @@
     python plot.py runs/ --band ci95          # 95% bootstrap band instead of +- std
     python plot.py diagnose runs/RUN          # offline / synthetic / real data, value over-estimation,
                                               # discriminator probabilities, for one checkpoint
+    python plot.py robustness runs/           # final policies under sensor noise (--eval-only --obs-noise)
     python plot.py data hopper-medium-expert  # per source dataset: episode length, reward per step and
                                               # discounted return from the start (what a critic can see)
 
@@ -223,10 +224,17 @@ def sensitivity(runs: list[dict], param: str, out: str) -> tuple[list[dict], lis
         labelled = {**r["args"], param: None} if param in r["args"] else r["args"]
         rows.append({"panel": family if param == "action_noise" else r["env_id"], "variant":
                      variant_label({k: v for k, v in labelled.items() if v is not None}, family),
-                     "x": x, "seed": r["seed"], "last10": float(np.mean(r["score"][-10:])),
+                     "x": x, "seed": r["seed"], "y": float(np.mean(r["score"][-10:])),
                      "data_score": r["data"].get("data_score_mean")})
     if not rows:
         raise damo.DamoError(f"no run has a value of '{param}' (a damo.py flag in config.json, or action_noise)")
+    return draw_against(rows, param, "last-10 normalised score", out)
+
+
+def draw_against(rows: list[dict], param: str, ylabel: str, out: str) -> tuple[list[dict], list[str]]:
+    """The figure of `sensitivity` and `robustness`: rows {panel, variant, x, seed, y, data_score} -> one
+    panel per dataset, y against x per variant (mean +- population std over seeds, seeds as dots; one value
+    only: a line), the data's average dashed. Writes OUT.{png,pdf,json}; returns the table and the paths."""
     panels = sorted({r["panel"] for r in rows}, key=dataset_key)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     table = []
@@ -236,7 +244,7 @@ def sensitivity(runs: list[dict], param: str, out: str) -> tuple[list[dict], lis
         for j, variant in enumerate(sorted({r["variant"] for r in mine}, key=lambda v: (v != "DAMO", v))):
             pts = [r for r in mine if r["variant"] == variant]
             xs = sorted({r["x"] for r in pts})
-            stats = [(x, np.array([r["last10"] for r in pts if r["x"] == x])) for x in xs]
+            stats = [(x, np.array([r["y"] for r in pts if r["x"] == x])) for x in xs]
             table += [{"panel": panel, "variant": variant, param: x, "seeds": len(v), "mean": float(v.mean()),
                        "std": float(v.std())} for x, v in stats]
             color = f"C{j}"
@@ -249,7 +257,7 @@ def sensitivity(runs: list[dict], param: str, out: str) -> tuple[list[dict], lis
                     + ",".join(str(len(v)) for _, v in stats), ms=4)
             ax.fill_between(xs, m - sd, m + sd, color=color, alpha=0.2)
             for r in pts:
-                ax.plot(r["x"], r["last10"], ".", color=color, alpha=0.5, ms=3)
+                ax.plot(r["x"], r["y"], ".", color=color, alpha=0.5, ms=3)
         data = sorted({(r["x"], r["data_score"]) for r in mine if r["data_score"] is not None})
         if data:
             dx = [x for x, _ in data]
@@ -263,7 +271,7 @@ def sensitivity(runs: list[dict], param: str, out: str) -> tuple[list[dict], lis
         ax.set_title(panel, fontsize=10)
         ax.set_xlabel(param)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("last-10 normalised score")
+    axes[0][0].set_ylabel(ylabel)
     for ax in axes[0]:
         ax.legend(fontsize=6)
     fig.tight_layout()
@@ -276,8 +284,36 @@ def sensitivity(runs: list[dict], param: str, out: str) -> tuple[list[dict], lis
     return table, [*paths, f"{out}.json"]
 
 
-def sensitivity_table(table: list[dict], param: str) -> str:
-    lines = [f"| dataset | variant | {param} | seeds | last-10 |", "|---|---|---|---|---|"]
+def robustness(runs: list[dict], noise: list[float], episodes: int, out: str) -> tuple[list[dict], list[str]]:
+    """Sensor noise at deployment: every finished run's final policy evaluated on the same `episodes` start
+    states (seeds 10000 + k) at each observation-noise level (damo.evaluate's obs_noise, N(0, sigma^2) per
+    dimension in units of the data's std, as damo.py --eval-only --obs-noise), drawn as in `sensitivity`."""
+    import gymnasium as gym
+
+    import damo
+
+    rows, cache = [], {}
+    for r in runs:
+        if not r["finished"]:
+            print(f"warning: {r['path']} has not finished; left out", file=sys.stderr)
+            continue
+        ag, ck = damo.load_agent(r["path"])
+        env_id = ck["data"]["eval_env_id"]
+        envs = cache.setdefault(env_id, [gym.make(env_id) for _ in range(episodes)])
+        family = r["data"].get("env_family", r["env_id"].split("-")[0])
+        for x in noise:
+            rets = damo.evaluate(ag.actor, envs, 10_000, ck["obs_mean"], ck["obs_std"], "cpu", obs_noise=x)
+            rows.append({"panel": r["env_id"], "variant": variant_label(r["args"], family), "x": x, "seed": r["seed"],
+                         "y": float(damo.normalized_score(rets, ck["data"]).mean()),
+                         "data_score": r["data"].get("data_score_mean")})
+        print(f"{r['path']}: " + ", ".join(f"{t['x']:g}: {t['y']:.1f}" for t in rows[-len(noise):]), file=sys.stderr)
+    if not rows:
+        raise damo.DamoError("no finished run to evaluate (a run folder with results.json and checkpoint.pt)")
+    return draw_against(rows, "obs_noise", f"normalised score ({episodes} episodes, final policy)", out)
+
+
+def sensitivity_table(table: list[dict], param: str, what: str = "last-10") -> str:
+    lines = [f"| dataset | variant | {param} | seeds | {what} |", "|---|---|---|---|---|"]
     lines += [f"| {t['panel']} | {t['variant']} | {t[param]:g} | {t['seeds']} | {t['mean']:.1f} +- {t['std']:.1f} |"
               for t in table]
     return "\n".join(lines)
@@ -648,6 +684,11 @@ USAGE = {
                    "    make_dataset.py --action-noise). One panel per dataset, mean +- std over seeds with every seed, a\n"
                    "    variant run at one value only (BC) as a line, the data's average as a dashed line. Writes\n"
                    "    PATH.{png,pdf,json} (default RUNS/../sensitivity_SETTING) and prints a markdown table.",
+    "robustness": "python plot.py robustness RUNS [--noise 0,0.1,0.2,0.5,1] [--episodes 50] [--out PATH]\n"
+                  "    sensor noise at deployment: each finished run's final policy under RUNS evaluated on the same\n"
+                  "    episodes at each level of Gaussian noise on what it observes (in units of the data's std per\n"
+                  "    dimension; damo.py --eval-only --obs-noise). One panel per dataset, score against the noise per\n"
+                  "    variant, mean +- std over seeds. Writes PATH.{png,pdf,json} (default RUNS/../robustness) and a table.",
     "data": "python plot.py data ENV_ID [GAMMA]\n"
             "    per source dataset of a local Minari dataset (e.g. hopper-medium-expert): episodes, length, return,\n"
             "    reward per step, share terminated and the discounted return from the start at GAMMA (default 0.99).",
@@ -727,6 +768,44 @@ def main(argv: list[str]) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(sensitivity_table(table, param))
+        print(f"\nwrote {', '.join(paths)}", file=sys.stderr)
+        return 0
+    if argv and argv[0] == "robustness":
+        import damo
+
+        opts, rest = {"--noise": "0,0.1,0.2,0.5,1", "--episodes": "50", "--out": None}, []
+        it = iter(argv[1:])
+        for a in it:
+            if a in opts:
+                opts[a] = next(it, None)
+                if opts[a] is None:
+                    print(f"error: {a} needs a value", file=sys.stderr)
+                    return 2
+            else:
+                rest.append(a)
+        if len(rest) != 1:
+            print("usage: " + USAGE["robustness"], file=sys.stderr)
+            return 2
+        root = rest[0]
+        out = opts["--out"] or os.path.join(os.path.dirname(os.path.abspath(root.rstrip("/"))), "robustness")
+        try:
+            try:
+                noise = [float(v) for v in opts["--noise"].split(",")]
+                episodes = int(opts["--episodes"])
+            except ValueError:
+                raise damo.DamoError(f"--noise {opts['--noise']} / --episodes {opts['--episodes']}: pass numbers, "
+                                     f"e.g. --noise 0,0.1,0.5 --episodes 50") from None
+            if any(not np.isfinite(v) or v < 0 for v in noise) or episodes < 1:
+                raise damo.DamoError(f"--noise {opts['--noise']} / --episodes {episodes}: noise levels must be >= 0 "
+                                     f"and finite, episodes >= 1")
+            if not os.path.isdir(root):
+                raise damo.DamoError(f"the runs folder {root} does not exist")
+            damo.check_writable(os.path.dirname(os.path.abspath(out)), "--out")
+            table, paths = robustness(find_runs(root), sorted(set(noise)), episodes, out)
+        except damo.DamoError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(sensitivity_table(table, "obs_noise", f"score ({episodes} episodes)"))
         print(f"\nwrote {', '.join(paths)}", file=sys.stderr)
         return 0
     if argv and argv[0] == "data":

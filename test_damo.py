@@ -1366,10 +1366,11 @@ def test_plot_help_lists_and_documents_every_command(tmp_path):
     top = run_plot(["--help"], tmp_path)
     assert top.returncode == 0, top.stderr
     for name in ("diagnose runs/RUN", "data ENV_ID", "--band", "curves --help", "behaviours runs/RUN",
-                 "sensitivity RUNS SETTING"):
+                 "sensitivity RUNS SETTING", "robustness RUNS"):
         assert name in top.stdout, (name, top.stdout)
     for command, words in (("diagnose", "Monte-Carlo return"), ("data", "discounted return"),
-                           ("behaviours", "Eq. 7b"), ("sensitivity", "last-10 score against")):
+                           ("behaviours", "Eq. 7b"), ("sensitivity", "last-10 score against"),
+                           ("robustness", "sensor noise at deployment")):
         res = run_plot([command, "--help"], tmp_path)
         assert res.returncode == 0 and words in res.stdout and "error" not in res.stderr, (command, res)
         assert run_plot([command], tmp_path).returncode == 2
@@ -1560,6 +1561,20 @@ def test_plot_sensitivity_from_runs(minari_root, tmp_path):
         assert row["seeds"] == 2 and row["mean"] == pytest.approx(np.mean([last10(f"bc_{f}_{s}") for s in (0, 1)]), abs=1e-4)
     assert f"| BC | 0.5 | 2 |" in p.stdout and (tmp_path / "sens.png").read_bytes()[:4] == b"\x89PNG"
     for argv, must in [(["sensitivity", str(runs), "nope"], "unknown setting 'nope'"),
-                       (["sensitivity", str(tmp_path / "none"), "alpha"], "does not exist")]:
+                       (["sensitivity", str(tmp_path / "none"), "alpha"], "does not exist"),
+                       (["robustness", str(runs), "--noise", "0,-1"], "noise levels must be >= 0"),
+                       (["robustness", str(runs), "--noise", "a"], "pass numbers")]:
         q = run_plot(argv, minari_root)
         error_line(q.returncode, q.stderr, must)
+    # plot.py robustness: each final policy at each sensor-noise level, the numbers of damo.py --eval-only
+    p = run_plot(["robustness", str(runs), "--noise", "0,1", "--episodes", "2", "--out", str(tmp_path / "rob")], minari_root)
+    assert p.returncode == 0, p.stderr[-2000:]
+    table = json.load(open(tmp_path / "rob.json"))
+    for x in (0.0, 1.0):
+        alone = [json.loads(run_cli(["--eval-only", str(runs / f"bc_{f}_{s}"), "--eval-episodes", "2", "--obs-noise",
+                                     str(x)], minari_root).stdout.strip().splitlines()[-1])["normalized_score"]
+                 for s in (0, 1) for f in (1.0,)]
+        row = next(t for t in table if t["obs_noise"] == x and t["variant"] == "BC")  # the full-data runs
+        assert row["seeds"] == 2 and row["mean"] == pytest.approx(np.mean(alone), abs=1e-6)
+    assert len(table) == 4 and table[0]["mean"] != table[1]["mean"]  # the noise changes what the policies do
+    assert (tmp_path / "rob.png").read_bytes()[:4] == b"\x89PNG"
