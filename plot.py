@@ -269,7 +269,8 @@ def draw_against(rows: list[dict], param: str, ylabel: str, out: str) -> tuple[l
             ax.set_xscale("log")
         ax.set_xticks(xs_all, [f"{x:g}" for x in xs_all])
         ax.set_title(panel, fontsize=10)
-        ax.set_xlabel(param)
+        ax.set_xlabel({"obs_noise": "observation noise (std, in the data's std per dimension)",
+                       "action_noise": "behaviour action noise (std) of the data"}.get(param, param))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
     for ax in axes[0]:
