@@ -879,7 +879,8 @@ def evaluate(actor: Actor, envs: list[gym.Env], seed: int, obs_mean, obs_std, de
     mean, std = obs_mean.double(), obs_std.double()
     obs = np.stack([env.reset(seed=seed + k)[0] for k, env in enumerate(envs)]).astype(np.float64)
     returns, running = np.zeros(len(envs)), np.ones(len(envs), dtype=bool)
-    noise = [np.random.default_rng([seed + k, 1]) for k in range(len(envs))]  # per episode: batching changes nothing
+    if obs_noise > 0:  # a generator per episode: batching changes nothing
+        noise = [np.random.default_rng([seed + k, 1]) for k in range(len(envs))]
     if record is not None:
         record[:] = [[] for _ in envs]
     while running.any():

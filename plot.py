@@ -300,7 +300,9 @@ def robustness(runs: list[dict], noise: list[float], episodes: int, out: str) ->
             continue
         ag, ck = damo.load_agent(r["path"])
         env_id = ck["data"]["eval_env_id"]
-        envs = cache.setdefault(env_id, [gym.make(env_id) for _ in range(episodes)])
+        if env_id not in cache:  # one set of envs per environment, made once (evaluate resets them)
+            cache[env_id] = [gym.make(env_id) for _ in range(episodes)]
+        envs = cache[env_id]
         family = r["data"].get("env_family", r["env_id"].split("-")[0])
         for x in noise:
             rets = damo.evaluate(ag.actor, envs, 10_000, ck["obs_mean"], ck["obs_std"], "cpu", obs_noise=x)
