@@ -1560,6 +1560,15 @@ def test_plot_sensitivity_from_runs(minari_root, tmp_path):
         row = next(t for t in table if t["data_fraction"] == f)
         assert row["seeds"] == 2 and row["mean"] == pytest.approx(np.mean([last10(f"bc_{f}_{s}") for s in (0, 1)]), abs=1e-4)
     assert f"| BC | 0.5 | 2 |" in p.stdout and (tmp_path / "sens.png").read_bytes()[:4] == b"\x89PNG"
+    # a run made before --data-fraction existed has no such key in its config.json: it used all episodes (1)
+    old = tmp_path / "old" / "bc_old_0"
+    shutil.copytree(runs / "bc_1.0_0", old)
+    cfg = json.load(open(old / "config.json"))
+    del cfg["args"]["data_fraction"]
+    json.dump(cfg, open(old / "config.json", "w"))
+    p = run_plot(["sensitivity", str(old.parent), "data_fraction", "--out", str(tmp_path / "old_sens")], minari_root)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert [(t["data_fraction"], t["seeds"]) for t in json.load(open(tmp_path / "old_sens.json"))] == [(1.0, 1)]
     for argv, must in [(["sensitivity", str(runs), "nope"], "unknown setting 'nope'"),
                        (["sensitivity", str(tmp_path / "none"), "alpha"], "does not exist"),
                        (["robustness", str(runs), "--noise", "0,-1"], "noise levels must be >= 0"),
