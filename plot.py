@@ -198,12 +198,10 @@ def setting_value(run: dict, param: str):
     if param == "action_noise":
         noise = [v for v in run["data"].get("action_noise") or [] if v is not None]
         return float(max(noise)) if noise else 0.0
-    if param in run["args"]:
-        v = run["args"][param]
-    else:  # a run from before the flag existed ran as its default does (all episodes: --data-fraction 1)
-        import damo
+    import damo
 
-        v = damo.Args.__dataclass_fields__[param].default
+    # a run from before the flag existed ran as its default does (all episodes: --data-fraction 1)
+    v = run["args"].get(param, damo.Args.__dataclass_fields__[param].default)
     return None if v is None or isinstance(v, bool) else float(v)
 
 
