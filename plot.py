@@ -94,11 +94,21 @@ def read_run(path: str) -> dict:
             "data": cfg.get("data", {})}
 
 
+def is_ensemble(run_dir: str) -> bool:
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            return bool(json.load(f)["args"].get("dynamics_only"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
 def find_runs(root: str) -> list[dict]:
     runs = []
     for dirpath, dirnames, filenames in sorted(os.walk(root, followlinks=True)):  # a folder of links to runs too
         if "config.json" in filenames or "eval.csv" in filenames:
             dirnames.clear()
+            if is_ensemble(dirpath):  # a sweep's SWEEP/dynamics/*: a model, no policy to score
+                continue
             try:
                 runs.append(read_run(dirpath))
             except Exception as e:  # incomplete or corrupt: say which and go on

@@ -1551,9 +1551,14 @@ def test_plot_sensitivity_from_runs(minari_root, tmp_path):
     (runs / "unfinished").mkdir()  # a run still going: left out, with a warning
     (runs / "unfinished" / "config.json").write_text((runs / "bc_0.5_0" / "config.json").read_text())
     (runs / "unfinished" / "eval.csv").write_text((runs / "bc_0.5_0" / "eval.csv").read_text())
+    ens = runs / "dynamics" / "subset"  # a sweep's ensemble (--dynamics-only): no policy, skipped without a word
+    ens.mkdir(parents=True)
+    cfg = json.load(open(runs / "bc_0.5_0" / "config.json"))
+    json.dump({**cfg, "args": {**cfg["args"], "bc": False, "dynamics_only": True}}, open(ens / "config.json", "w"))
+    (ens / "eval.csv").write_text("global_step,normalized_score\n")
     p = run_plot(["sensitivity", str(runs), "data_fraction", "--out", str(tmp_path / "sens")], minari_root)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "unfinished has not finished" in p.stderr
+    assert "unfinished has not finished" in p.stderr and "subset" not in p.stderr
     table = json.load(open(tmp_path / "sens.json"))
     last10 = lambda r: np.mean([float(x["normalized_score"]) for x in csv.DictReader(open(runs / r / "eval.csv"))][-10:])  # noqa: E731
     for f in (1.0, 0.5):
