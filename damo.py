@@ -598,8 +598,12 @@ def critic_loss(critic, critic_target, actor, log_alpha_ent, batch: dict, n_real
         conservative = torch.zeros((), device=s.device)
     td = 0.5 * ((y - q) ** 2).mean(1).sum()
     loss = alpha * conservative + td
-    return loss, {"critic_loss": loss, "td_loss": td, "conservative_gap": conservative / critic.n,
-                  "q_data": q.mean(), "target_q": y.mean()}
+    # diagnostics: Q on B's offline rows (the data's own actions) and on its synthetic rows, apart
+    info = {"critic_loss": loss, "td_loss": td, "conservative_gap": conservative / critic.n,
+            "q_data": q[:, :n_real].mean(), "target_q": y.mean()}
+    if n_real < len(s):
+        info["q_synthetic"] = q[:, n_real:].mean()
+    return loss, info
 
 
 def actor_loss(critic, actor, log_alpha_ent, s: torch.Tensor, s_data: torch.Tensor, a_data: torch.Tensor,

@@ -245,13 +245,17 @@ def test_critic_loss_matches_hand_computation(alpha, backup_entropy):
         v2 = torch.minimum(*target(batch["next_obs"], a2)) - (math.exp(-1.0) * logp2 if backup_entropy else 0.0)
         y = batch["rew"] + gamma * (1 - batch["done"]) * v2
     s, a = batch["obs"], batch["act"]
-    expected = 0.0
+    expected, q_off, q_syn = 0.0, 0.0, 0.0
     for j in range(2):
         q = q_j(j, s, a)
         expected = expected + 0.5 * ((y - q) ** 2).mean()
         down = q_j(j, s, a_pi.detach()).mean()
         expected = expected + alpha * (down - q[:n_real].mean())
+        q_off, q_syn = q_off + q[:n_real].mean() / 2, q_syn + q[n_real:].mean() / 2
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    # the diagnostics read Q on B's offline rows (the data's actions) and on its synthetic rows, apart
+    assert info["q_data"].item() == pytest.approx(q_off.item(), rel=1e-5)
+    assert info["q_synthetic"].item() == pytest.approx(q_syn.item(), rel=1e-5)
     if alpha == 0:
         assert info["conservative_gap"].item() == 0.0
 
