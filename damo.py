@@ -201,7 +201,7 @@ class Args:
     resume: Optional[str] = None
     """continue a killed or finished run from RUN/checkpoint.pt with its own settings (--epochs may grow)"""
     eval_only: Optional[str] = None
-    """evaluate a run's checkpoint (folder or checkpoint.pt) for --eval-episodes episodes, print, exit"""
+    """evaluate a run's checkpoint (folder or checkpoint.pt) for --eval-episodes episodes, print, exit; episode k starts from seed + 10000 + k with the run's own --seed (its training evaluations' start states), or with --seed when it is given"""
     obs_noise: float = 0.0
     """with --eval-only: N(0, SIGMA^2) noise on every observation the policy sees, SIGMA in units of the data's per-dimension std (the environment itself is unchanged): robustness at deployment"""
     capture_video: bool = False
@@ -1495,13 +1495,19 @@ def check_resume_data(args: Args, ck: dict, data: "Data"):
                         f"({data.N}). Point MINARI_DATASETS_PATH / --dataset-path at the run's data.")
 
 
+def saved_args(ck: dict) -> Args:
+    """A checkpoint's Args: keys of flags this damo.py no longer has are dropped, flags it has gained take
+    their defaults, so that checkpoints of older versions still load."""
+    return Args(**{k: v for k, v in ck["args"].items() if k in Args.__dataclass_fields__})
+
+
 def load_agent(path: str, device="cpu") -> tuple[Agent, dict]:
     """A run folder (or its checkpoint.pt) -> (the Agent with the saved weights, the checkpoint dict:
     args, data info, obs_mean/obs_std, global_step). Used by --eval-only, plot.py and the tests."""
     path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
     try:
         ck = torch.load(path, map_location=device, weights_only=False)
-        args = Args(**{**{k: v for k, v in ck["args"].items() if k in Args.__dataclass_fields__}, "compile": False})
+        args = replace(saved_args(ck), compile=False)
         obs_dim = ck["obs_mean"].numel()
         act_dim = [v for v in ck["actor"].values() if v.dim() == 2][-1].shape[0] // 2  # last layer: mean, log-std
         ag = make_agent(obs_dim, act_dim, args, device)
@@ -1624,20 +1630,22 @@ def make_video_env(env_id: str, video_dir: str, prefix: str) -> gym.Env:
     return gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda k: k == 0, name_prefix=prefix)
 
 
-def eval_only(args: Args) -> dict:
-    """Evaluate a saved policy in its dataset's real environment: raw returns and normalised score."""
+def eval_only(args: Args, explicit: Optional[set] = None) -> dict:
+    """Evaluate a saved policy in its dataset's real environment: raw returns and normalised score. The
+    episodes start where the run's own evaluations did (its seed + 10000 + k), unless --seed is given."""
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     ag, ck = load_agent(args.eval_only)
+    seed = args.seed if "seed" in (explicit or set()) else int(ck["args"]["seed"])
     path, env_id = ck["path"], ck["data"]["eval_env_id"]
     video_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "videos")
     env = make_video_env(env_id, video_dir, f"step{ck['global_step']}") if args.capture_video else gym.make(env_id)
     envs = [env] + [gym.make(env_id) for _ in range(args.eval_episodes - 1)]  # the video shows episode 0
-    rets = evaluate(ag.actor, envs, args.seed + 10_000, ck["obs_mean"], ck["obs_std"], "cpu", obs_noise=args.obs_noise)
+    rets = evaluate(ag.actor, envs, seed + 10_000, ck["obs_mean"], ck["obs_std"], "cpu", obs_noise=args.obs_noise)
     for e in envs:
         e.close()  # RecordVideo writes the MP4 here
     norm = normalized_score(rets, ck["data"])
-    out = {"checkpoint": path, "global_step": ck["global_step"], "env": env_id,
+    out = {"checkpoint": path, "global_step": ck["global_step"], "env": env_id, "seed": seed,
            "episodes": args.eval_episodes, "obs_noise": args.obs_noise, "return_mean": float(rets.mean()), "return_std": float(rets.std()),
            "normalized_score": float(norm.mean()), "score_reference": ck["data"]["ref_source"], "returns": rets.tolist()}
     if args.capture_video:
@@ -1831,7 +1839,7 @@ def cli(argv: list[str]) -> int:
         args = tyro.cli(Args, args=argv)
         check_args(args)
         if args.eval_only:
-            eval_only(args)
+            eval_only(args, explicit_flags(argv))
         elif args.benchmark:
             result = benchmark(args)
             print_benchmark(result, os.path.join(args.runs_dir, f"benchmark_{'cuda' if 'cpu' not in result['device'] else 'cpu'}.json"))

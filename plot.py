@@ -341,7 +341,7 @@ def diagnose(run: str, out: str | None = None, n: int = 2000, episodes: int = 5,
     import damo
 
     ag, ck = damo.load_agent(run)
-    a = damo.Args(**ck["args"])
+    a = damo.saved_args(ck)
     if ck["dynamics"] is None:
         raise damo.DamoError(f"{run} is a BC run: it has no dynamics model, critic or discriminator to diagnose")
     torch.manual_seed(seed)
@@ -513,7 +513,7 @@ def behaviours(path: str, policies: list[str], out: str | None = None, n: int = 
 
     paths = checkpoints_of(path)
     _, ck = damo.load_agent(paths[0])
-    a = damo.Args(**{k: v for k, v in ck["args"].items() if k in damo.Args.__dataclass_fields__})
+    a = damo.saved_args(ck)
     if ck["critic"] is None:
         raise damo.DamoError(f"{path} is a BC run: it has no critic; pass a DAMO run")
     if a.dataset_path:
