@@ -350,10 +350,16 @@ def progress(specs: list[dict], results: dict, t0: float) -> str:
 def run_sweep(sa: SweepArgs, common: list[str]) -> int:
     runs, ensembles, base = plan(sa, common)
     check_address(sa.address)
+    if not sa.address:
+        # A local sweep needs no other machine, so its Ray stays on loopback: Ray 2.60 otherwise advertises this
+        # machine's interface address (even for address="local") and its processes talk to each other through
+        # it. This switch (read when Ray is imported, and by every Ray process this one starts) makes Ray use
+        # 127.0.0.1 and turns off only multi-node support. A cluster (--address) keeps real addresses.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
 
     env_vars = {k: os.environ[k] for k in ("MINARI_DATASETS_PATH", "HF_ENDPOINT", "MINARI_REMOTE", "MUJOCO_GL",
-                                           "PYTHONWARNINGS") if k in os.environ}
+                                           "PYTHONWARNINGS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") if k in os.environ}
     init = {"runtime_env": {"env_vars": env_vars}, "include_dashboard": False, "log_to_driver": False}
     token = cluster_token(sa.address)
     try:
@@ -373,8 +379,9 @@ def run_sweep(sa: SweepArgs, common: list[str]) -> int:
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, "sweep.json"), "w") as f:
         json.dump({"common_flags": common_record(base), "argv": sys.argv[1:]}, f, indent=2)
-    print(f"sweep {root}: {len(runs)} runs, {len(ensembles)} datasets, Ray {ray.available_resources()}",
-          file=sys.stderr)
+    nodes = sorted(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"])
+    print(f"sweep {root}: {len(runs)} runs, {len(ensembles)} datasets, Ray {ray.available_resources()}, "
+          f"nodes at {', '.join(nodes)}", file=sys.stderr)
     task = ray.remote(execute)
     opts = {"num_cpus": sa.cpus_per_run, "num_gpus": sa.gpus_per_run, "max_retries": 3}
     needed = [spec for e, spec in ensembles.items() if any(r["ensemble"] == e and not r["bc"] for r in runs)]
