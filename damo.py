@@ -20,8 +20,8 @@ M^, d^D that of the data and d^S that of the synthetic buffer S:
     Eq. 2   D_KL(d^pi_M^ || d^D) = D_KL(d^pi_M^ || d^S) + E_{d^pi_M^}[ log d^S / d^D ]
 
 The second part of Eq. 2 is a reward penalty that a classifier D_w(s,a,s') estimates (Eqs. 3-4, data
-alignment, "er"); the first is replaced by its dual with the critic as the multiplier, which pushes Q
-down on the policy's actions and up on the data's (Eqs. 5-6, behaviour alignment, "ir"); the actor
+alignment, "er"); the first motivates a conservative critic in COMBO's form, which pushes Q down on
+the policy's actions and up on the data's (Eqs. 5-6, behaviour alignment, "ir"); the actor
 ascends that critic (Eq. 7) and, for the policy part of the divergence, clones the data's actions that
 the same critic ranks above the policy's own (Eq. 7b). The equations are the same on every dataset;
 alpha, and on hopper the discount and the target rate, are the per-dataset settings (ENV_DEFAULTS).
@@ -33,16 +33,17 @@ Usage:
 
 Map of the file (top to bottom, in the order of the algorithm):
     1. Args        every flag, its symbol, equation and where its default comes from
-    2. Data        Minari datasets -> flat arrays, a subset of episodes (limited coverage), normalised
-                   scores (Eq. 10), batches, the buffer S
+    2. Data        D normalised on the device (prepare_data), a subset of episodes (limited coverage),
+                   normalised scores (Eq. 10), batches, the buffer S
     3. Networks    EnsembleLinear, dynamics ensemble, termination functions, classifier, critics, actor
     4. Losses      dynamics_loss (Eq. 9), discriminator_loss (Eq. 3), corrected_reward (Eq. 4),
                    critic_loss (Eqs. 5-6), actor_loss (Eqs. 7, 7b), temperature_loss (Eq. 8)
     5. damo_update one gradient step: classifier -> r~ -> critics -> actor -> temperature -> targets
     6. train_dynamics, model_rollout, evaluate
-    7. Algorithm 1 prepare_data -> fit_dynamics -> train (the loop) -> main
-    Appendix       plumbing, not part of DAMO: flag checks, Minari/D4RL loading, the run folder,
-                   checkpoints and --resume, --eval-only, --benchmark
+    7. Algorithm 1 fit_dynamics -> train (the loop) -> main
+    Appendix       plumbing, not part of DAMO: flag checks, Minari and D4RL files -> flat arrays, the run's
+                   history and folder (logs, eval.csv, results.json), checkpoints and --resume,
+                   --eval-only, --benchmark
 """
 
 from __future__ import annotations
@@ -253,105 +254,93 @@ def dataset_name(source: str) -> str:
 
 
 # ====================================================================================================
-# 2. Data: the offline dataset D, normalised scores, batches
+# 2. Data: the offline dataset D, normalised, on the device; normalised scores; batches; the buffer S
 # ====================================================================================================
+# Names: `arrays` is D as the loaders give it (numpy, raw observations, one row per transition); `D` is
+# the same rows as tensors on the device with normalised observations (keys obs, act, rew, next_obs, done);
+# `data` is a Data, D with what the loop needs beside it.
 
 
 class DamoError(Exception):
     """A problem the user can fix; main() prints it without a traceback and exits with status 2."""
 
 
-ENVS = ("hopper", "halfcheetah", "walker2d")
-QUALITIES = ("simple", "medium", "expert", "medium-expert", "medium-replay")
-SHORT_IDS = [f"{e}-{q}" for e in ENVS for q in QUALITIES]
 # D4RL's reference returns (random, expert). On Minari's v5 data these give an *approximation* of the
 # paper's D4RL-v2 scale, because the environments and the data differ: always read raw returns too.
 D4RL_REF = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3)}
-# The Gymnasium env of each family (for --benchmark shapes and for D4RL files, whose obs match v5's).
-BENCH_ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
 
 
-def load_dataset(env_id: str, download: bool = True) -> tuple[dict, dict, gym.Env]:
-    """Load D as flat float32 arrays (observations, actions, rewards, next_observations, terminals),
-    with info (ids, reference scores) and the evaluation environment (the dataset's own)."""
-    import minari
+@dataclass
+class Data:
+    """The offline data D on the device (observations normalised) and what the loop needs beside it."""
 
-    ids, family = dataset_ids_for(env_id, download)
-    parts, refs, datasets = [], [], []
-    for did in ids:
-        try:
-            ds = minari.load_dataset(did, download=download)
-        except FileNotFoundError:
-            raise DamoError(missing_dataset_message(did, "locally (--no-download)")) from None
-        except Exception as e:
-            raise DamoError(missing_dataset_message(did, f"and the download failed: {e}")) from None
-        datasets.append(ds)
-        meta = ds.storage.metadata
-        refs.append((meta.get("ref_min_score"), meta.get("ref_max_score")))
-        for ep in ds.iterate_episodes():
-            obs = np.asarray(ep.observations, dtype=np.float32)  # [T+1, obs_dim]
-            parts.append(dict(episode=np.full(len(ep.rewards), len(parts), dtype=np.int64),
-                observations=obs[:-1], next_observations=obs[1:],
-                actions=np.asarray(ep.actions, dtype=np.float32),
-                rewards=np.asarray(ep.rewards, dtype=np.float32),
-                # bootstrap mask: terminations only; a time-limit truncation must still bootstrap
-                terminals=np.asarray(ep.terminations, dtype=np.float32),
-            ))
-    if sum(len(p["rewards"]) for p in parts) == 0:
-        raise DamoError(f"dataset {ids} holds no transitions; regenerate it (make_dataset.py --steps N with N > 0) "
-                        f"or pass another --env-id")
-    data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    for k, v in data.items():
-        if not np.isfinite(v).all():
-            raise DamoError(f"dataset {ids} has {int((~np.isfinite(v)).sum())} non-finite values in '{k}'; "
-                            "clean or regenerate it")
-    env = datasets[0].recover_environment(eval_env=True)
-    if refs[0][0] is not None and refs[0][1] is not None and all(r == refs[0] for r in refs):
-        ref, ref_source = refs[0], "dataset"
-    elif family in D4RL_REF:
-        ref, ref_source = D4RL_REF[family], "D4RL (approximate on v5 data)"
+    D: dict  # obs, act, rew, next_obs, done: [rows, ...] tensors; batches are index tensors into them
+    info: dict  # dataset ids, reference scores, evaluation env id, ...
+    obs_mean: torch.Tensor
+    obs_std: torch.Tensor
+    term_fn: Callable
+    eval_envs: list  # one real env per evaluation episode
+
+    @property
+    def rows(self) -> int:
+        return self.D["rew"].shape[0]
+
+
+def prepare_data(args: Args, device) -> Data:
+    """Algorithm 1, step 1: load D and normalise observations with D's mean and std. The same statistics
+    map the model's predictions back to raw observations (termination) and the evaluation env's
+    observations into the networks' coordinates, and are saved with every checkpoint."""
+    arrays, info, env = load_offline(args)
+    obs_mean = torch.as_tensor(arrays["observations"].mean(0), device=device)
+    obs_std = torch.as_tensor(arrays["observations"].std(0), device=device).clamp_min(1e-3)  # constant dims
+    D = {
+        "obs": (torch.as_tensor(arrays["observations"], device=device) - obs_mean) / obs_std,
+        "act": torch.as_tensor(arrays["actions"], device=device),
+        "rew": torch.as_tensor(arrays["rewards"], device=device),
+        "next_obs": (torch.as_tensor(arrays["next_observations"], device=device) - obs_mean) / obs_std,
+        "done": torch.as_tensor(arrays["terminals"], device=device),  # terminations only (see load_dataset)
+    }
+    term_fn = termination_fn_for(info["env_family"], arrays) if not args.bc else never_terminates
+    return Data(D, info, obs_mean, obs_std, term_fn, make_eval_envs(env, args.eval_episodes))
+
+
+def load_offline(args: Args) -> tuple[dict, dict, gym.Env]:
+    """D's arrays (a Minari dataset, or a D4RL file with --dataset-path), cut to the run's episodes."""
+    if args.dataset_path:
+        arrays, info, env = load_d4rl_hdf5(args.dataset_path, args.env_id)
     else:
-        ref, ref_source = (None, None), "none"
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    if data["observations"].shape[1] != obs_dim or data["actions"].shape[1] != act_dim:
-        raise DamoError(f"dataset shapes obs {data['observations'].shape[1]}, act {data['actions'].shape[1]} "
-                        f"do not match the env {env.spec.id} ({obs_dim}, {act_dim})")
-    info = dict(dataset_ids=ids, env_family=family, dataset=dataset_name(env_id), eval_env_id=env.spec.id if env.spec else None,
-                ref_min_score=ref[0], ref_max_score=ref[1], ref_source=ref_source,
-                n_transitions=int(len(data["rewards"])), n_episodes=sum(d.total_episodes for d in datasets),
-                n_transitions_per_dataset=[int(d.total_steps) for d in datasets],
-                action_noise=[d.storage.metadata.get("action_noise") for d in datasets],
-                minari_version=minari.__version__)
-    return data, info, env
+        arrays, info, env = load_dataset(args.env_id, download=args.download)
+    arrays, info = limit_coverage(arrays, info, args)
+    return arrays, info, env
 
 
-def limit_coverage(data: dict, info: dict, args: Args) -> tuple[dict, dict]:
+def limit_coverage(arrays: dict, info: dict, args: Args) -> tuple[dict, dict]:
     """Limited coverage (the paper claims robustness to it; how it is made is ours): keep a random subset of
     D's episodes, --data-episodes of them or a --data-fraction, drawn with --data-seed. Everything after
     this sees only the subset: the ensemble, the batches, rollout starts, the normalisation statistics,
     the data's average return. Whole episodes are kept, so every kept transition keeps its true successor."""
-    n_ep = int(data["episode"].max()) + 1 if len(data["episode"]) else 0
+    n_ep = int(arrays["episode"].max()) + 1 if len(arrays["episode"]) else 0
     k = args.data_episodes if args.data_episodes is not None else max(1, round(args.data_fraction * n_ep))
     if k > n_ep:
         raise DamoError(f"--data-episodes {k}: the dataset has only {n_ep} episodes; pass at most {n_ep}, or a "
                         f"--data-fraction")
     if k < n_ep:
         keep = np.random.default_rng(args.data_seed).choice(n_ep, size=k, replace=False)
-        rows = np.isin(data["episode"], keep)
-        data = {key: v[rows] for key, v in data.items()}
-    n = len(data["rewards"])
+        rows = np.isin(arrays["episode"], keep)
+        arrays = {key: v[rows] for key, v in arrays.items()}
+    n = len(arrays["rewards"])
     need = args.dynamics_batch_size + min(int(0.2 * n), args.dynamics_holdout) if not args.bc else 2
     if n < need:
         what = f"--data-episodes {k}" if args.data_episodes is not None else f"--data-fraction {args.data_fraction}"
         raise DamoError(f"{what} keeps {k} of {n_ep} episodes, {n} transitions: too few to train on (the ensemble needs "
                         f"{need}: a batch of --dynamics-batch-size {args.dynamics_batch_size} after its holdout); "
                         f"keep more episodes")
-    returns = np.bincount(np.unique(data["episode"], return_inverse=True)[1], weights=data["rewards"])
+    returns = np.bincount(np.unique(arrays["episode"], return_inverse=True)[1], weights=arrays["rewards"])
     info = {**info, "n_transitions": n, "n_episodes": k, "data_return_mean": float(returns.mean()),
             "data_score_mean": float(normalized_score(returns.mean(), info)) if info["ref_min_score"] is not None else None}
     if k < n_ep:
         info["coverage"] = {"episodes": k, "of_episodes": n_ep, "data_seed": args.data_seed}
-    return data, info
+    return arrays, info
 
 
 def normalized_score(ret, info: dict):
@@ -361,10 +350,12 @@ def normalized_score(ret, info: dict):
     return 100.0 * (np.asarray(ret) - info["ref_min_score"]) / (info["ref_max_score"] - info["ref_min_score"])
 
 
-def sample_rows(data: dict, size: int, n: int, device) -> dict:
-    """n random rows (with replacement) of a dict of aligned tensors: one index tensor for all keys."""
-    idx = torch.randint(size, (n,), device=device)
-    return {k: v[idx] for k, v in data.items()}
+def sample_rows(rows: dict, n: int, size: Optional[int] = None) -> dict:
+    """n random rows (with replacement) of a dict of aligned tensors, drawn among the first `size` (default:
+    all): one index tensor for all keys."""
+    first = next(iter(rows.values()))
+    idx = torch.randint(first.shape[0] if size is None else size, (n,), device=first.device)
+    return {k: v[idx] for k, v in rows.items()}
 
 
 class SyntheticBuffer:
@@ -383,7 +374,7 @@ class SyntheticBuffer:
         self.ptr, self.size = (self.ptr + n) % self.capacity, min(self.size + n, self.capacity)
 
     def sample(self, n: int) -> dict:
-        return sample_rows(self.data, self.size, n, self.data["rew"].device)
+        return sample_rows(self.data, n, self.size)
 
 
 # ====================================================================================================
@@ -563,8 +554,9 @@ def corrected_reward(disc: Discriminator, s, a, r, s_next, is_synthetic, beta: f
 
 def critic_loss(critic, critic_target, actor, log_alpha_ent, batch: dict, n_real: int, offline: Optional[dict],
                 alpha: float, gamma: float, backup_entropy: bool = True):
-    """Eqs. 5-6 (inner min over Q, behaviour alignment "ir") [ours: the dual form of the paper's
-    "dual conservative value estimation"], for every critic j:
+    """Eqs. 5-6 (inner min over Q, behaviour alignment "ir") [ours: COMBO/CQL's regulariser with rho = B,
+    motivated by a dual of the divergence (docs/derivation.md says how it differs from that dual); our
+    reading of the paper's "dual conservative value estimation"], for every critic j:
 
       L(Q_j) = alpha * ( E_{s~B, a~pi(s)} Q_j(s, a) - E_{(s,a)~D} Q_j(s, a) )      (push down / push up)
              + 1/2 * E_{(s,a,r~,s')~B} ( y - Q_j(s, a) )^2,                         (TD, Eq. 6)
@@ -612,9 +604,10 @@ def actor_loss(critic, actor, log_alpha_ent, s: torch.Tensor, s_data: torch.Tens
         L_pi = E_{s~B} [ alpha_ent * log pi(a|s) - min_j Q_j(s, a) ],  a ~ pi(s),
     so the policy ascends exactly the value the critic estimates. Eq. 7b [ours]: the policy part of
     the behaviour divergence, E_s KL(pi(.|s) || pi_beta(.|s)). Its outer max has the solution
-    pi* = pi_beta * w / Z with w = exp(A / (alpha * eta)), A = Q(s, a) - Q(s, pi(s)), Z = E_beta[w]; it
+    pi* = pi_beta * w / Z with w = exp(A / (alpha * eta)), A = Q(s, a) - Q(s, pi(s)), Z(s) = E_beta[w]; it
     is projected onto the actor with CRR's binary weight w = 1[A > 0], the TD3+BC surrogate of log pi
-    and the batch's share of kept rows for Z (self-normalised weights):
+    and, for Z, one constant per batch (the share of kept rows; self-normalised weights), not a Z(s) per
+    state, which one action per state in D cannot estimate:
         alpha * eta * E_D[ w * ||mu(s) - a||^2 ] / E_D[ w ],  w = 1[Q(s,a) > Q(s, mu(s))],  mu = tanh mean,
     so the actor clones the data's better actions, never the worse ones (on mixed data the mean of all
     actions can fail where each behaviour succeeds), with the strength of cloning them all. The Q
@@ -674,30 +667,6 @@ class Agent:
     alpha_ent_opt: Optional[torch.optim.Optimizer] = None
     target_entropy: float = 0.0
 
-    # checkpoint key -> field; with state_dict() below, the only code that knows the networks' part of a checkpoint
-    MODULES = {"actor": "actor", "dynamics": "dynamics", "discriminator": "disc", "critic": "critic",
-               "critic_target": "critic_target"}
-    OPTIMIZERS = {"actor": "actor_opt", "critic": "critic_opt", "discriminator": "disc_opt", "alpha_ent": "alpha_ent_opt"}
-
-    def state_dict(self) -> dict:
-        out = {k: getattr(self, f).state_dict() if getattr(self, f) is not None else None for k, f in self.MODULES.items()}
-        out["log_alpha_ent"] = self.log_alpha_ent.detach().cpu() if self.log_alpha_ent is not None else None
-        out["optimizers"] = {k: getattr(self, f).state_dict() for k, f in self.OPTIMIZERS.items()
-                             if getattr(self, f) is not None}
-        return out
-
-    def load_state_dict(self, state: dict, optimizers: bool = True):
-        for k, f in self.MODULES.items():
-            if getattr(self, f) is not None:
-                getattr(self, f).load_state_dict(state[k])
-        if self.log_alpha_ent is not None:
-            with torch.no_grad():
-                self.log_alpha_ent.copy_(state["log_alpha_ent"])
-        if optimizers:
-            for k, f in self.OPTIMIZERS.items():
-                if getattr(self, f) is not None:
-                    getattr(self, f).load_state_dict(state["optimizers"][k])
-
 
 def make_agent(obs_dim: int, act_dim: int, args: Args, device) -> Agent:
     actor = Actor(obs_dim, act_dim, args.hidden).to(device)
@@ -722,7 +691,7 @@ def sgd_step(opt: torch.optim.Optimizer, loss: torch.Tensor):
     opt.step()
 
 
-def damo_update(ag: Agent, D: dict, N: int, synthetic: "SyntheticBuffer", args: Args) -> dict:
+def damo_update(ag: Agent, D: dict, synthetic: "SyntheticBuffer", args: Args) -> dict:
     """One gradient step: discriminator (Eq. 3) -> batch with r~ (Eq. 4) -> critics (Eqs. 5-6) -> actor
     (Eq. 7/7b) -> temperature (Eq. 8) -> target critics. Returns tensors for logging (no host sync)."""
     device = D["rew"].device
@@ -730,18 +699,18 @@ def damo_update(ag: Agent, D: dict, N: int, synthetic: "SyntheticBuffer", args: 
     n_syn = args.batch_size - n_real
     info_d = {}
     if args.beta > 0:  # balanced batch: offline (label 1) vs synthetic (label 0)
-        d_off, d_syn = sample_rows(D, N, args.batch_size // 2, device), synthetic.sample(args.batch_size // 2)
+        d_off, d_syn = sample_rows(D, args.batch_size // 2), synthetic.sample(args.batch_size // 2)
         loss_d, info_d = discriminator_loss(ag.disc, (d_off["obs"], d_off["act"], d_off["next_obs"]),
                                             (d_syn["obs"], d_syn["act"], d_syn["next_obs"]))  # Eq. 3
         sgd_step(ag.disc_opt, loss_d)
     # B = n_real offline rows, then n_syn synthetic rows
-    off, syn = sample_rows(D, N, n_real, device), synthetic.sample(n_syn)
+    off, syn = sample_rows(D, n_real), synthetic.sample(n_syn)
     batch = {k: torch.cat([off[k], syn[k]]) for k in off}
     is_syn = (torch.arange(args.batch_size, device=device) >= n_real).float()
     batch["rew"], bonus = corrected_reward(ag.disc, batch["obs"], batch["act"], batch["rew"], batch["next_obs"],
                                            is_syn, args.beta, args.logit_clip)  # Eq. 4
     # few offline rows in B (small real_ratio): the push-up term and Eq. 7b get an offline batch of their own
-    offline = sample_rows(D, N, args.batch_size, device) if n_real < args.batch_size // 2 else None
+    offline = sample_rows(D, args.batch_size) if n_real < args.batch_size // 2 else None
     loss_q, info_q = critic_loss(ag.critic, ag.critic_target, ag.actor, ag.log_alpha_ent, batch, n_real, offline,
                                  args.alpha, args.gamma, args.backup_entropy)  # Eqs. 5-6
     sgd_step(ag.critic_opt, loss_q)
@@ -759,8 +728,8 @@ def damo_update(ag: Agent, D: dict, N: int, synthetic: "SyntheticBuffer", args: 
     return {k: v.detach() for k, v in info.items()}
 
 
-def bc_update(ag: Agent, D: dict, N: int, args: Args) -> dict:
-    off = sample_rows(D, N, args.batch_size, D["rew"].device)
+def bc_update(ag: Agent, D: dict, args: Args) -> dict:
+    off = sample_rows(D, args.batch_size)
     loss, info = bc_loss(ag.actor, off["obs"], off["act"])
     sgd_step(ag.actor_opt, loss)
     return info
@@ -775,9 +744,9 @@ def train_dynamics(model: DynamicsEnsemble, X: torch.Tensor, Y: torch.Tensor, ar
                    progress=None) -> dict:
     """Fit the ensemble (Eq. 9) with a holdout split, snapshots on > 1% holdout improvement, early
     stopping and elite selection (MOPO/MOBILE procedure). X [N, obs+act], Y [N, obs+1]."""
-    E, N, dev = model.n, X.shape[0], X.device
-    n_hold = min(int(0.2 * N), args.dynamics_holdout)
-    perm = torch.randperm(N, generator=gen, device="cpu").to(dev)
+    E, rows, dev = model.n, X.shape[0], X.device
+    n_hold = min(int(0.2 * rows), args.dynamics_holdout)
+    perm = torch.randperm(rows, generator=gen, device="cpu").to(dev)
     Xh, Yh, Xt, Yt = X[perm[:n_hold]], Y[perm[:n_hold]], X[perm[n_hold:]], Y[perm[n_hold:]]
     opt = torch.optim.Adam(model.parameters(), lr=args.dynamics_lr)
     n_train, bs = Xt.shape[0], args.dynamics_batch_size
@@ -909,48 +878,13 @@ def evaluate(actor: Actor, envs: list[gym.Env], seed: int, obs_mean, obs_std, de
 # ====================================================================================================
 
 
-@dataclass
-class Data:
-    """The offline data D on the device (observations normalised) and what the loop needs beside it."""
-
-    D: dict  # obs, act, rew, next_obs, done: [N, ...] tensors, batches are index tensors into them
-    N: int
-    info: dict  # dataset ids, reference scores, evaluation env id, ...
-    obs_mean: torch.Tensor
-    obs_std: torch.Tensor
-    term_fn: Callable
-    eval_envs: list  # one real env per evaluation episode
-
-
-def prepare_data(args: Args, device) -> Data:
-    """Algorithm 1, step 1: load D and normalise observations with D's mean and std; the same
-    statistics are applied to the model's inputs and the evaluation env, and saved with the checkpoint."""
-    if args.dataset_path:
-        data, info, env = load_d4rl_hdf5(args.dataset_path, args.env_id)
-    else:
-        data, info, env = load_dataset(args.env_id, download=args.download)
-    data, info = limit_coverage(data, info, args)
-    eval_envs = make_eval_envs(env, args.eval_episodes)
-    term_fn = termination_fn_for(info["env_family"], data) if not args.bc else never_terminates
-    obs_mean = torch.as_tensor(data["observations"].mean(0), device=device)
-    obs_std = torch.as_tensor(data["observations"].std(0), device=device).clamp_min(1e-3)
-    D = {
-        "obs": (torch.as_tensor(data["observations"], device=device) - obs_mean) / obs_std,
-        "act": torch.as_tensor(data["actions"], device=device),
-        "rew": torch.as_tensor(data["rewards"], device=device),
-        "next_obs": (torch.as_tensor(data["next_observations"], device=device) - obs_mean) / obs_std,
-        "done": torch.as_tensor(data["terminals"], device=device),
-    }
-    return Data(D, D["rew"].shape[0], info, obs_mean, obs_std, term_fn, eval_envs)
-
-
 def fit_dynamics(args: Args, model: DynamicsEnsemble, data: Data, gen: torch.Generator, log: "RunLog",
                  status: "Progress") -> dict:
     """Algorithm 1, step 2: train M^ on D (Eq. 9) (main() loads a saved one instead with --dynamics-path)."""
     t0 = time.time()
     D = data.D
-    X = torch.cat([D["obs"], D["act"]], -1)  # [N, obs + act]
-    Y = torch.cat([D["next_obs"] - D["obs"], D["rew"][:, None]], -1)  # [N, obs + 1]: (s' - s, r)
+    X = torch.cat([D["obs"], D["act"]], -1)  # [rows, obs + act]
+    Y = torch.cat([D["next_obs"] - D["obs"], D["rew"][:, None]], -1)  # [rows, obs + 1]: (s' - s, r)
 
     def progress(epoch, best, nll):
         status(f"dynamics epoch {epoch}: holdout mse best {best.min():.4f}..{best.max():.4f}, nll {nll:.3f}, "
@@ -964,28 +898,11 @@ def fit_dynamics(args: Args, model: DynamicsEnsemble, data: Data, gen: torch.Gen
     return {**info, "seconds": seconds}
 
 
-@dataclass
-class History:
-    """What a run has measured so far (saved in every checkpoint, written to results.json at the end)."""
-
-    t_start: float
-    scores: list = field(default_factory=list)  # normalised score of each evaluation
-    returns: list = field(default_factory=list)  # mean raw return of each evaluation
-    last_returns: Optional[list] = None  # the episodes' returns of the last evaluation
-    rollout_info: dict = field(default_factory=dict)
-    timings: dict = field(default_factory=lambda: {k: 0.0 for k in ("data_s", "dynamics_s", "rollout_s", "update_s", "eval_s")})
-    dynamics: dict = field(default_factory=dict)
-    resumed_at: list = field(default_factory=list)
-
-    def sps(self, step: int) -> float:
-        return step / max(self.timings["update_s"] + self.timings["rollout_s"], 1e-9)
-
-
 def train(args: Args, ag: Agent, data: Data, synthetic: Optional[SyntheticBuffer], hist: History, log: "RunLog",
           start_step: int, status: "Progress") -> int:
     """Algorithm 1, step 3: epochs x steps_per_epoch gradient steps; an evaluation closes each epoch.
     With --bc the same loop trains the behaviour-cloning baseline (no rollouts, actor only)."""
-    D, N, device = data.D, data.N, data.D["rew"].device
+    D, device = data.D, data.D["rew"].device
     total_steps = args.epochs * args.steps_per_epoch
     global_step, t_loop = start_step, time.time()
     for global_step in range(start_step + 1, total_steps + 1):
@@ -993,47 +910,27 @@ def train(args: Args, ag: Agent, data: Data, synthetic: Optional[SyntheticBuffer
         t0 = time.time()
         if synthetic is not None and (global_step - 1) % args.rollout_freq == 0:
             # --- model rollouts: h steps of pi in M^ from offline start states, into the FIFO buffer S ---
-            start = D["obs"][torch.randint(N, (args.rollout_batch_size,), device=device)]
+            start = D["obs"][torch.randint(data.rows, (args.rollout_batch_size,), device=device)]
             roll = model_rollout(ag.dynamics, ag.actor, start, args.rollout_length, data.term_fn, data.obs_mean,
                                  data.obs_std)
             synthetic.add(roll)
-            hist.timings["rollout_s"] += time.time() - t0
-            hist.rollout_info = {"rollout_transitions": roll["rew"].shape[0], "rollout_reward": roll["rew"].mean(),
-                                 "rollout_done_rate": roll["done"].mean()}
+            hist.rollout(roll, time.time() - t0)
             t0 = time.time()
         # --- discriminator, critics, actor, temperature, target critics (Eqs. 3-8) ---
-        info = bc_update(ag, D, N, args) if synthetic is None else damo_update(ag, D, N, synthetic, args)
+        info = bc_update(ag, D, args) if synthetic is None else damo_update(ag, D, synthetic, args)
         hist.timings["update_s"] += time.time() - t0
-
-        # ----------------------- TRY NOT TO MODIFY: logging, evaluation, checkpoints -----------------------
-        if global_step % args.log_every == 0:  # the only host syncs of the loop
+        if global_step % args.log_every == 0:  # the only host syncs of the loop; a non-finite loss stops here
             log.scalars(global_step, {**info, **hist.rollout_info}, hist.sps(global_step))
+        # --- Algorithm 1, step 4: an epoch ends with the deterministic policy in the real environment ---
         epoch, end_of_epoch = divmod(global_step, args.steps_per_epoch)
+        rets = None
         if end_of_epoch == 0 and (epoch % args.eval_every == 0 or global_step == total_steps):
             t0 = time.time()
-            ag.actor.eval()
             rets = evaluate(ag.actor, data.eval_envs, args.seed + 10_000, data.obs_mean, data.obs_std, device)
-            ag.actor.train()
             hist.timings["eval_s"] += time.time() - t0
-            norm = normalized_score(rets, data.info)
-            hist.scores.append(float(norm.mean()))
-            hist.returns.append(float(rets.mean()))
-            hist.last_returns = rets.tolist()
-            log.evaluation(global_step, epoch, rets, norm, time.time() - hist.t_start)
-            status(f"epoch {epoch}/{args.epochs} step {global_step}: return {rets.mean():.1f} +- {rets.std():.1f}, "
-                   f"score {norm.mean():.1f}, {hist.sps(global_step):.0f} steps/s, "
-                   f"{time_left(t_loop, global_step - start_step, total_steps - global_step)} left", force=True)
-        elif global_step % 100 == 0:
-            last = f"{hist.scores[-1]:.1f}" if hist.scores else "-"
-            left = time_left(t_loop, global_step - start_step, total_steps - global_step) if hist.scores else "?"
-            status(f"step {global_step}/{total_steps}, {hist.sps(global_step):.0f} steps/s, last score {last}, {left} left")
-        if global_step % args.checkpoint_every == 0 or global_step == total_steps:
-            log.writer.flush()  # the TensorBoard events up to the checkpoint are on disk with it
-            save_checkpoint(os.path.join(log.run_dir, "checkpoint.pt"), global_step, args, ag, data, synthetic, hist)
-        if args.snapshot_every and global_step % args.snapshot_every == 0:  # the policy and critic at this step, kept
-            os.makedirs(os.path.join(log.run_dir, "snapshots"), exist_ok=True)
-            save_checkpoint(os.path.join(log.run_dir, "snapshots", f"step_{global_step:07d}.pt"), global_step, args, ag,
-                            data, None, hist)
+
+        # --------------- TRY NOT TO MODIFY: eval.csv, progress line, checkpoints (appendix) ---------------
+        after_step(global_step, rets, args, ag, data, synthetic, hist, log, status, t_loop, start_step)
     return global_step
 
 
@@ -1183,8 +1080,69 @@ def explicit_flags(argv: list[str]) -> set:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Minari: dataset ids, versions, download, messages
+# Minari: dataset ids, versions, download, loading into flat arrays
 # ----------------------------------------------------------------------------------------------------
+
+
+ENVS = ("hopper", "halfcheetah", "walker2d")
+QUALITIES = ("simple", "medium", "expert", "medium-expert", "medium-replay")
+SHORT_IDS = [f"{e}-{q}" for e in ENVS for q in QUALITIES]
+# The Gymnasium env of each family (for --benchmark shapes and for D4RL files, whose obs match v5's).
+BENCH_ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
+
+
+def load_dataset(env_id: str, download: bool = True) -> tuple[dict, dict, gym.Env]:
+    """Load D as flat float32 arrays (observations, actions, rewards, next_observations, terminals),
+    with info (ids, reference scores) and the evaluation environment (the dataset's own)."""
+    import minari
+
+    ids, family = dataset_ids_for(env_id, download)
+    parts, refs, datasets = [], [], []
+    for did in ids:
+        try:
+            ds = minari.load_dataset(did, download=download)
+        except FileNotFoundError:
+            raise DamoError(missing_dataset_message(did, "locally (--no-download)")) from None
+        except Exception as e:
+            raise DamoError(missing_dataset_message(did, f"and the download failed: {e}")) from None
+        datasets.append(ds)
+        meta = ds.storage.metadata
+        refs.append((meta.get("ref_min_score"), meta.get("ref_max_score")))
+        for ep in ds.iterate_episodes():
+            obs = np.asarray(ep.observations, dtype=np.float32)  # [T+1, obs_dim]
+            parts.append(dict(episode=np.full(len(ep.rewards), len(parts), dtype=np.int64),
+                observations=obs[:-1], next_observations=obs[1:],
+                actions=np.asarray(ep.actions, dtype=np.float32),
+                rewards=np.asarray(ep.rewards, dtype=np.float32),
+                # bootstrap mask: terminations only; a time-limit truncation must still bootstrap
+                terminals=np.asarray(ep.terminations, dtype=np.float32),
+            ))
+    if sum(len(p["rewards"]) for p in parts) == 0:
+        raise DamoError(f"dataset {ids} holds no transitions; regenerate it (make_dataset.py --steps N with N > 0) "
+                        f"or pass another --env-id")
+    data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    for k, v in data.items():
+        if not np.isfinite(v).all():
+            raise DamoError(f"dataset {ids} has {int((~np.isfinite(v)).sum())} non-finite values in '{k}'; "
+                            "clean or regenerate it")
+    env = datasets[0].recover_environment(eval_env=True)
+    if refs[0][0] is not None and refs[0][1] is not None and all(r == refs[0] for r in refs):
+        ref, ref_source = refs[0], "dataset"
+    elif family in D4RL_REF:
+        ref, ref_source = D4RL_REF[family], "D4RL (approximate on v5 data)"
+    else:
+        ref, ref_source = (None, None), "none"
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    if data["observations"].shape[1] != obs_dim or data["actions"].shape[1] != act_dim:
+        raise DamoError(f"dataset shapes obs {data['observations'].shape[1]}, act {data['actions'].shape[1]} "
+                        f"do not match the env {env.spec.id} ({obs_dim}, {act_dim})")
+    info = dict(dataset_ids=ids, env_family=family, dataset=dataset_name(env_id), eval_env_id=env.spec.id if env.spec else None,
+                ref_min_score=ref[0], ref_max_score=ref[1], ref_source=ref_source,
+                n_transitions=int(len(data["rewards"])), n_episodes=sum(d.total_episodes for d in datasets),
+                n_transitions_per_dataset=[int(d.total_steps) for d in datasets],
+                action_noise=[d.storage.metadata.get("action_noise") for d in datasets],
+                minari_version=minari.__version__)
+    return data, info, env
 
 
 def _remote_reachable(timeout: float = 5.0) -> bool:
@@ -1340,8 +1298,57 @@ def load_d4rl_hdf5(path: str, env_id: str) -> tuple[dict, dict, gym.Env]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The run folder: TensorBoard, config.json, eval.csv, dynamics.pt, results.json (W&B with --track)
+# What a run has measured so far, and the run folder: TensorBoard, config.json, eval.csv, dynamics.pt, results.json (W&B with --track)
 # ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class History:
+    """What a run has measured so far (saved in every checkpoint, written to results.json at the end)."""
+
+    t_start: float
+    scores: list = field(default_factory=list)  # normalised score of each evaluation
+    returns: list = field(default_factory=list)  # mean raw return of each evaluation
+    last_returns: Optional[list] = None  # the episodes' returns of the last evaluation
+    rollout_info: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=lambda: {k: 0.0 for k in ("data_s", "dynamics_s", "rollout_s", "update_s", "eval_s")})
+    dynamics: dict = field(default_factory=dict)
+    resumed_at: list = field(default_factory=list)
+
+    def sps(self, step: int) -> float:
+        return step / max(self.timings["update_s"] + self.timings["rollout_s"], 1e-9)
+
+    def rollout(self, roll: dict, seconds: float):
+        self.timings["rollout_s"] += seconds
+        self.rollout_info = {"rollout_transitions": roll["rew"].shape[0], "rollout_reward": roll["rew"].mean(),
+                             "rollout_done_rate": roll["done"].mean()}
+
+
+def after_step(step: int, rets: Optional[np.ndarray], args: Args, ag: Agent, data: Data, synthetic, hist: History,
+               log: "RunLog", status: "Progress", t_loop: float, start_step: int):
+    """What train() does after each gradient step besides DAMO: record an evaluation (eval.csv, TensorBoard,
+    the progress line), show progress, write the checkpoint and snapshots."""
+    total_steps = args.epochs * args.steps_per_epoch
+    if rets is not None:
+        norm = normalized_score(rets, data.info)
+        hist.scores.append(float(norm.mean()))
+        hist.returns.append(float(rets.mean()))
+        hist.last_returns = rets.tolist()
+        log.evaluation(step, step // args.steps_per_epoch, rets, norm, time.time() - hist.t_start)
+        status(f"epoch {step // args.steps_per_epoch}/{args.epochs} step {step}: return {rets.mean():.1f} +- "
+               f"{rets.std():.1f}, score {norm.mean():.1f}, {hist.sps(step):.0f} steps/s, "
+               f"{time_left(t_loop, step - start_step, total_steps - step)} left", force=True)
+    elif step % 100 == 0:
+        last = f"{hist.scores[-1]:.1f}" if hist.scores else "-"
+        left = time_left(t_loop, step - start_step, total_steps - step) if hist.scores else "?"
+        status(f"step {step}/{total_steps}, {hist.sps(step):.0f} steps/s, last score {last}, {left} left")
+    if step % args.checkpoint_every == 0 or step == total_steps:
+        log.writer.flush()  # the TensorBoard events up to the checkpoint are on disk with it
+        save_checkpoint(os.path.join(log.run_dir, "checkpoint.pt"), step, args, ag, data, synthetic, hist)
+    if args.snapshot_every and step % args.snapshot_every == 0:  # the policy and critic at this step, kept
+        os.makedirs(os.path.join(log.run_dir, "snapshots"), exist_ok=True)
+        save_checkpoint(os.path.join(log.run_dir, "snapshots", f"step_{step:07d}.pt"), step, args, ag, data, None,
+                        hist)
 
 
 class RunLog:
@@ -1437,8 +1444,37 @@ class RunLog:
 
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints and --resume: save_checkpoint / restore_checkpoint are the only places that know what a
-# checkpoint holds (the Agent's own state_dict / load_state_dict hold the networks' part)
+# checkpoint holds (agent_state / load_agent_state hold the networks' part)
 # ----------------------------------------------------------------------------------------------------
+
+
+# checkpoint key -> Agent field; with agent_state / load_agent_state, the only code that knows the networks'
+# part of a checkpoint
+AGENT_MODULES = {"actor": "actor", "dynamics": "dynamics", "discriminator": "disc", "critic": "critic",
+                 "critic_target": "critic_target"}
+AGENT_OPTIMIZERS = {"actor": "actor_opt", "critic": "critic_opt", "discriminator": "disc_opt",
+                    "alpha_ent": "alpha_ent_opt"}
+
+
+def agent_state(ag: Agent) -> dict:
+    out = {k: getattr(ag, f).state_dict() if getattr(ag, f) is not None else None for k, f in AGENT_MODULES.items()}
+    out["log_alpha_ent"] = ag.log_alpha_ent.detach().cpu() if ag.log_alpha_ent is not None else None
+    out["optimizers"] = {k: getattr(ag, f).state_dict() for k, f in AGENT_OPTIMIZERS.items()
+                         if getattr(ag, f) is not None}
+    return out
+
+
+def load_agent_state(ag: Agent, state: dict, optimizers: bool = True):
+    for k, f in AGENT_MODULES.items():
+        if getattr(ag, f) is not None:
+            getattr(ag, f).load_state_dict(state[k])
+    if ag.log_alpha_ent is not None:
+        with torch.no_grad():
+            ag.log_alpha_ent.copy_(state["log_alpha_ent"])
+    if optimizers:
+        for k, f in AGENT_OPTIMIZERS.items():
+            if getattr(ag, f) is not None:
+                getattr(ag, f).load_state_dict(state["optimizers"][k])
 
 
 def save_checkpoint(path: str, step: int, args: Args, ag: Agent, data: "Data", synthetic, hist: "History"):
@@ -1452,7 +1488,7 @@ def save_checkpoint(path: str, step: int, args: Args, ag: Agent, data: "Data", s
                   "data": {k: v[: synthetic.size] for k, v in synthetic.data.items()}}
     save_atomic({
         "args": asdict(args), "data": data.info, "global_step": step,
-        "obs_mean": data.obs_mean.cpu(), "obs_std": data.obs_std.cpu(), **ag.state_dict(),
+        "obs_mean": data.obs_mean.cpu(), "obs_std": data.obs_std.cpu(), **agent_state(ag),
         "synthetic": buffer, "rng": rng,
         "progress": {"scores": hist.scores, "returns": hist.returns, "last_returns": hist.last_returns,
                      "rollout_info": {k: float(v) for k, v in hist.rollout_info.items()}, "timings": hist.timings,
@@ -1464,7 +1500,7 @@ def save_checkpoint(path: str, step: int, args: Args, ag: Agent, data: "Data", s
 def restore_checkpoint(ck: dict, args: Args, ag: Agent, data: "Data", synthetic, hist: "History"):
     """The inverse of save_checkpoint. The RNG states are restored last, so that refilling the synthetic
     buffer (a checkpoint written with --no-checkpoint-buffer) does not shift the random streams."""
-    ag.load_state_dict(ck)
+    load_agent_state(ag, ck)
     p = ck["progress"]
     hist.scores, hist.returns, hist.last_returns, hist.dynamics = p["scores"], p["returns"], p["last_returns"], p["dynamics"]
     hist.rollout_info, hist.timings = p["rollout_info"], p["timings"]
@@ -1477,7 +1513,7 @@ def restore_checkpoint(ck: dict, args: Args, ag: Agent, data: "Data", synthetic,
         synthetic.size, synthetic.ptr = b["size"], b["ptr"]
     elif synthetic is not None:  # documented rebuild (--no-checkpoint-buffer): fresh rollouts of the current policy
         for _ in range(args.model_retain_rollouts):
-            start = data.D["obs"][torch.randint(data.N, (args.rollout_batch_size,), device=data.obs_mean.device)]
+            start = data.D["obs"][torch.randint(data.rows, (args.rollout_batch_size,), device=data.obs_mean.device)]
             synthetic.add(model_rollout(ag.dynamics, ag.actor, start, args.rollout_length, data.term_fn,
                                         data.obs_mean, data.obs_std))
     random.setstate(ck["rng"]["python"])
@@ -1488,11 +1524,11 @@ def restore_checkpoint(ck: dict, args: Args, ag: Agent, data: "Data", synthetic,
 
 
 def check_resume_data(args: Args, ck: dict, data: "Data"):
-    if (ck["data"]["dataset_ids"] != data.info["dataset_ids"] or ck["data"]["n_transitions"] != data.N
+    if (ck["data"]["dataset_ids"] != data.info["dataset_ids"] or ck["data"]["n_transitions"] != data.rows
             or not torch.allclose(ck["obs_mean"].to(data.obs_mean), data.obs_mean)):
         raise DamoError(f"--resume {args.resume}: the run trained on {ck['data']['dataset_ids']} "
                         f"({ck['data']['n_transitions']} transitions); the data found now is {data.info['dataset_ids']} "
-                        f"({data.N}). Point MINARI_DATASETS_PATH / --dataset-path at the run's data.")
+                        f"({data.rows}). Point MINARI_DATASETS_PATH / --dataset-path at the run's data.")
 
 
 def saved_args(ck: dict) -> Args:
@@ -1511,7 +1547,7 @@ def load_agent(path: str, device="cpu") -> tuple[Agent, dict]:
         obs_dim = ck["obs_mean"].numel()
         act_dim = [v for v in ck["actor"].values() if v.dim() == 2][-1].shape[0] // 2  # last layer: mean, log-std
         ag = make_agent(obs_dim, act_dim, args, device)
-        ag.load_state_dict(ck, optimizers=False)
+        load_agent_state(ag, ck, optimizers=False)
     except Exception as e:
         raise DamoError(f"cannot load a checkpoint from {path} ({type(e).__name__}: {e})") from None
     ck["path"] = path
@@ -1682,11 +1718,11 @@ def benchmark(args: Args) -> dict:
             for _ in range(10)]
     obs_dim, act_dim = envs[0].observation_space.shape[0], envs[0].action_space.shape[0]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    N = 100_000
-    D = {"obs": torch.randn(N, obs_dim, device=device), "act": torch.rand(N, act_dim, device=device) * 2 - 1,
-         "rew": torch.randn(N, device=device), "next_obs": torch.randn(N, obs_dim, device=device),
-         "done": torch.zeros(N, device=device)}
-    synthetic = SyntheticBuffer(N, obs_dim, act_dim, device)
+    rows = 100_000
+    D = {"obs": torch.randn(rows, obs_dim, device=device), "act": torch.rand(rows, act_dim, device=device) * 2 - 1,
+         "rew": torch.randn(rows, device=device), "next_obs": torch.randn(rows, obs_dim, device=device),
+         "done": torch.zeros(rows, device=device)}
+    synthetic = SyntheticBuffer(rows, obs_dim, act_dim, device)
     synthetic.add(D)
     ag = make_agent(obs_dim, act_dim, args, device)
     ag_sac = make_agent(obs_dim, act_dim, args, device)
@@ -1712,10 +1748,10 @@ def benchmark(args: Args) -> dict:
     res["compile"] = args.compile
     if args.compile:  # the eager update in the same process first, for the gain of --compile
         ag_eager = make_agent(obs_dim, act_dim, args, device)
-        res["damo_update_eager_steps_per_s"] = rate(lambda: damo_update(ag_eager, D, N, synthetic, args), n)
+        res["damo_update_eager_steps_per_s"] = rate(lambda: damo_update(ag_eager, D, synthetic, args), n)
     compile_losses(args.compile)
-    res["damo_update_steps_per_s"] = rate(lambda: damo_update(ag, D, N, synthetic, args), n)
-    res["sac_update_steps_per_s"] = rate(lambda: damo_update(ag_sac, D, N, synthetic, sac_args), n)
+    res["damo_update_steps_per_s"] = rate(lambda: damo_update(ag, D, synthetic, args), n)
+    res["sac_update_steps_per_s"] = rate(lambda: damo_update(ag_sac, D, synthetic, sac_args), n)
     res["damo_to_sac_ratio"] = res["damo_update_steps_per_s"] / res["sac_update_steps_per_s"]
     X = torch.cat([D["obs"], D["act"]], -1)
     Y = torch.cat([D["next_obs"] - D["obs"], D["rew"][:, None]], -1)
@@ -1723,7 +1759,7 @@ def benchmark(args: Args) -> dict:
     E, bs = args.n_ensemble, args.dynamics_batch_size
 
     def dyn_step():
-        j = torch.randint(N, (E, bs), device=device)
+        j = torch.randint(rows, (E, bs), device=device)
         sgd_step(opt, dynamics_loss(ag.dynamics, X[j], Y[j])[0])
 
     res["dynamics_train_steps_per_s"] = rate(dyn_step, max(5, n // 2))

@@ -29,7 +29,7 @@ import json
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import matplotlib
@@ -345,11 +345,7 @@ def diagnose(run: str, out: str | None = None, n: int = 2000, episodes: int = 5,
     if ck["dynamics"] is None:
         raise damo.DamoError(f"{run} is a BC run: it has no dynamics model, critic or discriminator to diagnose")
     torch.manual_seed(seed)
-    if a.dataset_path:
-        data, info, env = damo.load_d4rl_hdf5(a.dataset_path, a.env_id)
-    else:
-        data, info, env = damo.load_dataset(a.env_id, download=False)
-    data, info = damo.limit_coverage(data, info, a)  # the run's own episodes (--data-fraction / --data-episodes)
+    data, info, env = damo.load_offline(replace(a, download=False))  # the run's own episodes (--data-fraction ...)
     mean, std = ck["obs_mean"], ck["obs_std"]
     act_dim = data["actions"].shape[1]
     actor, dyn, disc, critic = ag.actor, ag.dynamics, ag.disc, ag.critic

@@ -799,11 +799,11 @@ def test_damo_update_batch_mask_and_target_rate(monkeypatch, real_ratio):
     args = damo.with_env_defaults(damo.Args(hidden=32, disc_hidden=32, dynamics_hidden=32, batch_size=64, beta=0.3,
                                             logit_clip=0.5, real_ratio=real_ratio, tau=0.1), "hopper")
     ag = damo.make_agent(11, 3, args, "cpu")
-    N = 300
-    D = {"obs": torch.randn(N, 11), "act": torch.rand(N, 3) * 2 - 1, "rew": torch.full((N,), 1.0),
-         "next_obs": torch.randn(N, 11), "done": torch.zeros(N)}
-    synthetic = damo.SyntheticBuffer(N, 11, 3, "cpu")
-    synthetic.add({**{k: v + 5.0 for k, v in D.items()}, "rew": torch.full((N,), -1.0), "done": torch.zeros(N)})
+    rows = 300
+    D = {"obs": torch.randn(rows, 11), "act": torch.rand(rows, 3) * 2 - 1, "rew": torch.full((rows,), 1.0),
+         "next_obs": torch.randn(rows, 11), "done": torch.zeros(rows)}
+    synthetic = damo.SyntheticBuffer(rows, 11, 3, "cpu")
+    synthetic.add({**{k: v + 5.0 for k, v in D.items()}, "rew": torch.full((rows,), -1.0), "done": torch.zeros(rows)})
     seen = {}
     plain_critic_loss = damo.critic_loss
 
@@ -813,7 +813,7 @@ def test_damo_update_batch_mask_and_target_rate(monkeypatch, real_ratio):
 
     monkeypatch.setattr(damo, "critic_loss", watch)
     target_before = [p.clone() for p in ag.critic_target.parameters()]
-    info = damo.damo_update(ag, D, N, synthetic, args)
+    info = damo.damo_update(ag, D, synthetic, args)
     b, n_real = seen["batch"], seen["n_real"]
     assert n_real == round(64 * real_ratio) and len(b["rew"]) == 64
     is_offline = b["obs"].abs().max(1).values < 4.5  # synthetic rows were shifted by +5
@@ -831,10 +831,23 @@ def test_damo_update_batch_mask_and_target_rate(monkeypatch, real_ratio):
         assert torch.allclose(after, 0.9 * before + 0.1 * online, atol=1e-6)  # Polyak, tau = 0.1
 
 
+def test_algorithm_part_reads_without_plumbing():
+    """damo.py is Algorithm 1 first and the plumbing after it: the part before the appendix is at most 1,000
+    lines, normalisation is in the data section, and loading, logging and checkpoint code is in the appendix."""
+    head, marker, appendix = (HERE / "damo.py").read_text().partition("\n# Appendix: plumbing")
+    assert marker and head.count("\n") <= 1000, head.count("\n")
+    for name in ("def load_dataset(", "def load_d4rl_hdf5(", "class History", "class RunLog", "AGENT_MODULES",
+                 "def save_checkpoint(", "def after_step("):
+        assert name in appendix and name not in head, name
+    data_section = head[head.index("# 2. Data"): head.index("# 3. Networks")]
+    assert "def prepare_data(" in data_section and "obs_std" in data_section
+
+
 def test_sample_rows_keeps_rows_aligned():
     data = {"a": torch.arange(100.0), "b": torch.arange(100.0) * 2, "c": torch.arange(100.0)[:, None].expand(100, 3)}
-    rows = damo.sample_rows(data, 100, 500, "cpu")
+    rows = damo.sample_rows(data, 500)
     assert torch.equal(rows["b"], 2 * rows["a"]) and torch.equal(rows["c"][:, 2], rows["a"])
+    assert rows["a"].max() >= 90 and damo.sample_rows(data, 500, size=10)["a"].max() < 10  # `size`: the first rows only
 
 
 @pytest.mark.slow
@@ -1241,19 +1254,19 @@ def test_compiled_losses_equal_plain():
         fast = damo.make_agent(11, 3, args, "cpu")
         for name in ("actor", "critic", "critic_target", "disc"):
             getattr(fast, name).load_state_dict(getattr(plain, name).state_dict())
-        N = 500
-        D = {"obs": torch.randn(N, 11), "act": torch.rand(N, 3) * 2 - 1, "rew": torch.randn(N),
-             "next_obs": torch.randn(N, 11), "done": (torch.rand(N) < 0.05).float()}
-        synthetic = damo.SyntheticBuffer(N, 11, 3, "cpu")
+        rows = 500
+        D = {"obs": torch.randn(rows, 11), "act": torch.rand(rows, 3) * 2 - 1, "rew": torch.randn(rows),
+             "next_obs": torch.randn(rows, 11), "done": (torch.rand(rows) < 0.05).float()}
+        synthetic = damo.SyntheticBuffer(rows, 11, 3, "cpu")
         synthetic.add({k: v + 0.3 for k, v in D.items()})
         for step in range(3):
             damo.compile_losses(False)
             torch.manual_seed(100 + step)
-            a = damo.damo_update(plain, D, N, synthetic, args)
+            a = damo.damo_update(plain, D, synthetic, args)
             damo.compile_losses(True)
             assert damo.critic_loss._torchdynamo_orig_callable.__name__ == "critic_loss"  # really the compiled path
             torch.manual_seed(100 + step)
-            b = damo.damo_update(fast, D, N, synthetic, args)
+            b = damo.damo_update(fast, D, synthetic, args)
             for k in ("disc_loss", "critic_loss", "td_loss", "conservative_gap", "actor_loss", "temperature_loss"):
                 assert float(b[k]) == pytest.approx(float(a[k]), rel=1e-4, abs=1e-5), (step, k)
         for name in ("actor", "critic", "disc"):
