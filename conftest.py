@@ -22,9 +22,9 @@ POLICIES = HERE / "assets" / "policies"
 # Any download attempt goes to a closed local port: the tests behave the same with or without network.
 OFFLINE_ENV = {"HF_ENDPOINT": "http://127.0.0.1:9", "MINARI_REMOTE": "hf://farama-minari"}
 
-# A tiny DAMO run: 2 epochs of 100 steps, small rollouts, a 2-epoch ensemble, 2 evaluation episodes.
+# A tiny DAMO run: 2 epochs of 100 steps, small rollouts, a 2-epoch ensemble, 2 evaluation episodes, 3 held-out.
 TINY = {"epochs": 2, "steps_per_epoch": 100, "log_every": 50, "rollout_freq": 50, "rollout_batch_size": 500,
-        "rollout_length": 3, "dynamics_max_epochs": 2, "eval_episodes": 2, "threads": 1}
+        "rollout_length": 3, "dynamics_max_epochs": 2, "eval_episodes": 2, "heldout_episodes": 3, "threads": 1}
 
 
 def flags(base: dict | None = None, **overrides) -> list[str]:

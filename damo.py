@@ -41,7 +41,8 @@ Map of the file (top to bottom, in the order of the algorithm):
     5. damo_update one gradient step: classifier -> r~ -> critics -> actor -> temperature -> targets
     6. train_dynamics, model_rollout, evaluate
     7. Algorithm 1 fit_dynamics -> train (the loop) -> main
-    Appendix       plumbing, not part of DAMO: flag checks, Minari and D4RL files -> flat arrays, the run's
+    Appendix       plumbing, not part of DAMO: flag checks, the held-out final score (the one to report),
+                   Minari and D4RL files -> flat arrays, the run's
                    history and folder (logs, eval.csv, results.json), checkpoints and --resume,
                    --eval-only, --benchmark
 """
@@ -177,6 +178,8 @@ class Args:
     """deterministic evaluation episodes per evaluation, stepped together (D4RL convention)"""
     eval_every: int = 1
     """epochs between evaluations (1: every epoch, the protocol's curve and last-10; the last epoch is always evaluated)"""
+    heldout_episodes: int = 100
+    """episodes of the held-out final evaluation: the final policy from start states no training evaluation sees (start seeds 2^34 + 1000 * seed + k), the score to report and rank by (results.json "heldout"); 0 skips it"""
 
     # --- run, logging and infrastructure (not part of the method) ---
     exp_name: str = "damo"
@@ -203,6 +206,8 @@ class Args:
     """continue a killed or finished run from RUN/checkpoint.pt with its own settings (--epochs may grow)"""
     eval_only: Optional[str] = None
     """evaluate a run's checkpoint (folder or checkpoint.pt) for --eval-episodes episodes, print, exit; episode k starts from seed + 10000 + k with the run's own --seed (its training evaluations' start states), or with --seed when it is given"""
+    heldout: bool = False
+    """with --eval-only: play the held-out block instead (--heldout-episodes episodes) and record it in the run's results.json"""
     obs_noise: float = 0.0
     """with --eval-only: N(0, SIGMA^2) noise on every observation the policy sees, SIGMA in units of the data's per-dimension std (the environment itself is unchanged): robustness at deployment"""
     capture_video: bool = False
@@ -244,13 +249,6 @@ def with_env_defaults(args: Args, family: str, dataset: str = "") -> Args:
     in every field that is still None (not given)."""
     table = {**ENV_DEFAULTS.get(family, ENV_DEFAULTS["hopper"]), **ENV_DEFAULTS.get(dataset, {})}
     return replace(args, **{f: v for f, v in table.items() if getattr(args, f) is None})
-
-
-def dataset_name(source: str) -> str:
-    """ENV_DEFAULTS' name of a dataset: 'walker2d-medium-expert' from that short id, the Minari id
-    mujoco/walker2d/medium-expert-v0 or the D4RL file walker2d_medium_expert-v2.hdf5."""
-    name = os.path.basename(source) if source.endswith(".hdf5") else source.removeprefix("mujoco/")
-    return re.sub(r"(-v\d+)?(\.hdf5)?$", "", name.lower()).replace("/", "-").replace("_", "-")
 
 
 # ====================================================================================================
@@ -986,13 +984,16 @@ def main(args: Args, explicit: Optional[set] = None) -> dict:
         return {"dynamics_path": os.path.join(log.run_dir, "dynamics.pt"), **hist.dynamics}
 
     global_step = train(args, ag, data, synthetic, hist, log, start_step, status)
+    if args.heldout_episodes:  # the score to report: the final policy on start states no evaluation has seen
+        hist.heldout = heldout_evaluation(ag.actor, data.eval_envs[0].spec, args.seed, args.heldout_episodes,
+                                          data.obs_mean, data.obs_std, data.info, device)
     log.close()
     return log.results(args, data.info, hist, global_step, device)
 
 
 # ====================================================================================================
-# Appendix: plumbing (not part of DAMO). Flag checks, Minari and D4RL loading, the run folder,
-# checkpoints and --resume, --eval-only and video, --benchmark, progress, versions
+# Appendix: plumbing (not part of DAMO). Flag checks, the held-out score, Minari and D4RL loading, the
+# run folder, checkpoints and --resume, --eval-only and video, --benchmark, progress, versions
 # ====================================================================================================
 
 
@@ -1012,7 +1013,7 @@ FLAG_RANGES = {
     "batch_size": (2, None, True), "actor_lr": (0, None, False), "critic_lr": (0, None, False),
     "alpha_ent_lr": (0, None, False), "n_critics": (1, None, True), "hidden": (1, None, True),
     "epochs": (1, None, True), "steps_per_epoch": (1, None, True), "eval_episodes": (1, None, True),
-    "eval_every": (1, None, True), "data_fraction": (0, 1, False), "data_episodes": (1, None, True),
+    "eval_every": (1, None, True), "heldout_episodes": (0, 1000, True), "data_fraction": (0, 1, False), "data_episodes": (1, None, True),
     "data_seed": (0, 2**32 - 1, True), "obs_noise": (0, None, True),
 }
 
@@ -1033,6 +1034,10 @@ def check_args(args: "Args"):
     if args.data_episodes is not None and args.data_fraction != 1.0:
         raise DamoError(f"--data-episodes {args.data_episodes} and --data-fraction {args.data_fraction} both choose the "
                         f"subset; pass one of them")
+    if args.heldout and (not args.eval_only or args.obs_noise or args.capture_video or not args.heldout_episodes):
+        raise DamoError("--heldout scores a saved policy on the held-out block: pass it with --eval-only RUN and "
+                        "--heldout-episodes N >= 1 (runs score it themselves at the end), without --obs-noise or "
+                        "--capture-video")
     if args.obs_noise and not args.eval_only:
         raise DamoError(f"--obs-noise {args.obs_noise} perturbs what a saved policy sees at --eval-only; training "
                         f"evaluations stay clean. Evaluate a finished run: --eval-only RUN --obs-noise {args.obs_noise}")
@@ -1080,8 +1085,44 @@ def explicit_flags(argv: list[str]) -> set:
 
 
 # ----------------------------------------------------------------------------------------------------
+# The reported score: the final policy on held-out start states
+# ----------------------------------------------------------------------------------------------------
+
+
+# Held-out start states [ours; the protocol's statistics, Agarwal et al. 2021]: training evaluations reset episode
+# k with seed + 10_000 + k, and with seeds below 2^32 every start seed they can use is below 2^33. The final
+# policy is scored on a block above all of them, 1,000 seeds per run seed (so blocks of different seeds never
+# meet either): episodes that no evaluation during training, and so no setting chosen by one, has seen.
+HELDOUT_SEED_BASE = 2**34
+
+
+def heldout_seeds(seed: int, n: int) -> range:
+    return range(HELDOUT_SEED_BASE + 1000 * seed, HELDOUT_SEED_BASE + 1000 * seed + n)
+
+
+def heldout_evaluation(actor: Actor, env_id, seed: int, n: int, obs_mean, obs_std, info: dict, device) -> dict:
+    """The final policy, deterministic, for n episodes on the held-out block of run seed `seed`."""
+    block = heldout_seeds(seed, n)
+    envs = [gym.make(env_id) for _ in range(n)]
+    rets = evaluate(actor, envs, block.start, obs_mean, obs_std, device)
+    for e in envs:
+        e.close()
+    norm = normalized_score(rets, info)
+    return {"episodes": n, "seeds": [block.start, block.stop], "normalized_score": float(norm.mean()),
+            "normalized_score_std": float(norm.std()), "return_mean": float(rets.mean()),
+            "return_std": float(rets.std()), "returns": rets.tolist()}
+
+
+# ----------------------------------------------------------------------------------------------------
 # Minari: dataset ids, versions, download, loading into flat arrays
 # ----------------------------------------------------------------------------------------------------
+
+
+def dataset_name(source: str) -> str:
+    """ENV_DEFAULTS' name of a dataset: 'walker2d-medium-expert' from that short id, the Minari id
+    mujoco/walker2d/medium-expert-v0 or the D4RL file walker2d_medium_expert-v2.hdf5."""
+    name = os.path.basename(source) if source.endswith(".hdf5") else source.removeprefix("mujoco/")
+    return re.sub(r"(-v\d+)?(\.hdf5)?$", "", name.lower()).replace("/", "-").replace("_", "-")
 
 
 ENVS = ("hopper", "halfcheetah", "walker2d")
@@ -1314,6 +1355,7 @@ class History:
     timings: dict = field(default_factory=lambda: {k: 0.0 for k in ("data_s", "dynamics_s", "rollout_s", "update_s", "eval_s")})
     dynamics: dict = field(default_factory=dict)
     resumed_at: list = field(default_factory=list)
+    heldout: Optional[dict] = None  # the final policy on the held-out block (main(), at the end)
 
     def sps(self, step: int) -> float:
         return step / max(self.timings["update_s"] + self.timings["rollout_s"], 1e-9)
@@ -1429,6 +1471,8 @@ class RunLog:
             "final_return_mean": returns[-1] if returns else None,
             "last10_return_mean": float(np.mean(returns[-10:])) if returns else None,
             "final_returns": hist.last_returns,
+            "heldout_normalized_score": hist.heldout["normalized_score"] if hist.heldout else None,
+            "heldout": hist.heldout,
             "score_reference": info["ref_source"],
             "gradient_steps_per_s": global_step / max(train_s, 1e-9),
             "wall_time_s": {**hist.timings, "total_s": time.time() - hist.t_start},
@@ -1438,7 +1482,8 @@ class RunLog:
         with open(os.path.join(self.run_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
         print(json.dumps({k: results[k] for k in ("final_normalized_score", "last10_normalized_score",
-                                                  "final_return_mean", "gradient_steps_per_s")}))
+                                                  "heldout_normalized_score", "final_return_mean",
+                                                  "gradient_steps_per_s")}))
         return results
 
 
@@ -1555,7 +1600,7 @@ def load_agent(path: str, device="cpu") -> tuple[Agent, dict]:
 
 
 RESUME_MAY_CHANGE = ("resume", "epochs", "threads", "cuda", "log_every", "checkpoint_every", "snapshot_every", "track",
-                     "wandb_project_name", "wandb_entity", "download", "compile")
+                     "wandb_project_name", "wandb_entity", "download", "compile", "heldout_episodes")
 
 
 def load_resume(args: Args, explicit: set) -> tuple[dict, Args]:
@@ -1586,7 +1631,9 @@ def load_resume(args: Args, explicit: set) -> tuple[dict, Args]:
                         f"{', '.join('--' + f.replace('_', '-') for f in RESUME_MAY_CHANGE[1:])}.")
     new = Args(**{**saved, **{f: getattr(args, f) for f in RESUME_MAY_CHANGE if f in explicit}})
     new.resume, new.runs_dir, new.run_name = run_dir, os.path.dirname(run_dir) or ".", os.path.basename(run_dir)
-    if step >= new.epochs * new.steps_per_epoch:
+    # A run killed after its last checkpoint but before results.json (in the held-out evaluation) resumes into
+    # that evaluation alone; a run with results.json at this step is finished.
+    if step >= new.epochs * new.steps_per_epoch and os.path.isfile(os.path.join(run_dir, "results.json")):
         raise DamoError(f"--resume {run_dir}: the run already finished at step {step}; pass a larger --epochs "
                         f"(now {new.epochs}) to train it further")
     return ck, new
@@ -1615,6 +1662,12 @@ def load_dynamics(model: DynamicsEnsemble, path: str, obs_mean, obs_std, info: d
                         f"{model.n}, --dynamics-hidden {model.layers[0].weight.shape[-1]}); pass the flags it was "
                         f"trained with (its run's config.json)") from None
     return {**saved.get("info", {}), "source": os.path.abspath(path), "elites": model.elites.tolist()}
+
+
+def save_json_atomic(obj, path: str):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def save_atomic(obj, path: str):
@@ -1674,6 +1727,8 @@ def eval_only(args: Args, explicit: Optional[set] = None) -> dict:
     ag, ck = load_agent(args.eval_only)
     seed = args.seed if "seed" in (explicit or set()) else int(ck["args"]["seed"])
     path, env_id = ck["path"], ck["data"]["eval_env_id"]
+    if args.heldout:
+        return eval_heldout(args, ag, ck, seed)
     video_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "videos")
     env = make_video_env(env_id, video_dir, f"step{ck['global_step']}") if args.capture_video else gym.make(env_id)
     envs = [env] + [gym.make(env_id) for _ in range(args.eval_episodes - 1)]  # the video shows episode 0
@@ -1692,6 +1747,28 @@ def eval_only(args: Args, explicit: Optional[set] = None) -> dict:
           f"episodes in {out['env']}" + (f" with observation noise {args.obs_noise} std" if args.obs_noise else "")
           + f", normalised score {norm.mean():.1f} ({out['score_reference']})"
           + (f", video {out['video']}" if args.capture_video else ""), file=sys.stderr)
+    print(json.dumps(out))
+    return out
+
+
+def eval_heldout(args: Args, ag: Agent, ck: dict, seed: int) -> dict:
+    """--eval-only RUN --heldout: the saved policy on the held-out block; for a run's own checkpoint.pt the
+    result is recorded in RUN/results.json ("heldout"), as a run that finishes records it."""
+    out = {"checkpoint": ck["path"], "global_step": ck["global_step"], "env": ck["data"]["eval_env_id"], "seed": seed,
+           **heldout_evaluation(ag.actor, ck["data"]["eval_env_id"], seed, args.heldout_episodes, ck["obs_mean"],
+                                ck["obs_std"], ck["data"], "cpu")}
+    results = os.path.join(os.path.dirname(os.path.abspath(ck["path"])), "results.json")
+    if os.path.basename(ck["path"]) == "checkpoint.pt" and os.path.isfile(results):
+        with open(results) as f:
+            res = json.load(f)
+        if res.get("global_steps") == ck["global_step"]:  # the results of this very policy
+            res["heldout"] = {k: v for k, v in out.items() if k not in ("checkpoint", "env", "global_step")}
+            res["heldout_normalized_score"] = out["normalized_score"]
+            save_json_atomic(res, results)
+            out["recorded_in"] = results
+    print(f"{ck['path']} (step {ck['global_step']}): held-out score {out['normalized_score']:.1f} +- "
+          f"{out['normalized_score_std']:.1f} over {out['episodes']} episodes (start seeds {out['seeds'][0]}..."
+          f"{out['seeds'][1] - 1})" + (f", recorded in {results}" if "recorded_in" in out else ""), file=sys.stderr)
     print(json.dumps(out))
     return out
 

@@ -1,12 +1,13 @@
 """Figures from damo.py runs: learning curves over seeds, and the paper's alignment diagnostics.
 
-    python plot.py runs/                      # learning curves + a markdown table (reads only run files)
+    python plot.py runs/                      # learning curves + a markdown table (= plot.py curves runs/)
     python plot.py runs/ --band ci95          # 95% bootstrap band instead of +- std
     python plot.py diagnose runs/RUN          # offline / synthetic / real data, value over-estimation,
                                               # discriminator probabilities, for one checkpoint
     python plot.py robustness runs/           # final policies under sensor noise (--eval-only --obs-noise)
     python plot.py data hopper-medium-expert  # per source dataset: episode length, reward per step and
                                               # discounted return from the start (what a critic can see)
+    python plot.py --help                     # every command; python plot.py COMMAND --help: its flags
 
 Curves (the paper's Fig. 3a / 5 style): runs are grouped by env id and variant (DAMO, w/o er,
 w/o ir, BC, and any non-default alpha / beta / eta), each run's eval.csv is interpolated onto the
@@ -30,13 +31,14 @@ import os
 import re
 import sys
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Annotated, Literal, Optional
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import tyro  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
 # learning curves
@@ -88,10 +90,14 @@ def read_run(path: str) -> dict:
     if len(bad):
         raise ValueError(f"eval.csv has non-finite returns or scores (nan/inf) at steps {bad.tolist()[:5]}; "
                          f"the run diverged or the file was edited")
+    heldout = None
+    if os.path.exists(os.path.join(path, "results.json")):
+        with open(os.path.join(path, "results.json")) as f:
+            heldout = json.load(f).get("heldout")
     return {"path": path, "env_id": cfg["args"]["env_id"], "variant": variant_label(cfg["args"], cfg.get("data", {}).get("env_family", "")),
             "seed": cfg["args"]["seed"], "steps": steps, "score": score, "return": ret,
             "finished": os.path.exists(os.path.join(path, "results.json")), "args": cfg["args"],
-            "data": cfg.get("data", {})}
+            "data": cfg.get("data", {}), "heldout": heldout}
 
 
 def is_ensemble(run_dir: str) -> bool:
@@ -144,8 +150,8 @@ def summary_table(runs: list[dict]) -> str:
     groups = {}
     for r in runs:
         groups.setdefault((r["env_id"], r["variant"]), []).append(r)
-    lines = ["| env | variant | seeds | final score | last-10 score | final return | last-10 return | steps |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| env | variant | seeds | held-out score | final score | last-10 score | final return | last-10 return | steps |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for (env, var), rs in sorted(groups.items(), key=lambda kv: (dataset_key(kv[0][0]), kv[0][1])):
         def ms(x):
             return f"{np.mean(x):.1f} +- {np.std(x):.1f}"
@@ -154,7 +160,9 @@ def summary_table(runs: list[dict]) -> str:
         final_r = [r["return"][-1] for r in rs]
         last_r = [r["return"][-10:].mean() for r in rs]
         steps = sorted({int(r["steps"][-1]) for r in rs})
-        lines.append(f"| {env} | {var} | {len(rs)} | {ms(final_s)} | {ms(last_s)} | {ms(final_r)} | {ms(last_r)} | "
+        held = [r["heldout"]["normalized_score"] for r in rs if r["heldout"]]
+        held = f"{ms(held)} ({len(held)})" if held else "-"  # (how many runs have one)
+        lines.append(f"| {env} | {var} | {len(rs)} | {held} | {ms(final_s)} | {ms(last_s)} | {ms(final_r)} | {ms(last_r)} | "
                      f"{'/'.join(map(str, steps))} |")
     return "\n".join(lines)
 
@@ -376,6 +384,7 @@ def diagnose(run: str, out: str | None = None, n: int = 2000, episodes: int = 5,
         first = transitions([ep[:1] for ep in rec])
         q0 = critic(first["obs"], first["act"]).min(0).values.tolist()
     mc = [float(sum(a.gamma ** t * s[3] for t, s in enumerate(ep))) for ep in rec]
+    target = critic_target_return(actor, critic, disc, a, ck, envs, ep_seed, mean, std, norm)
 
     # Does the critic know better actions than the actor takes? At every step pick, among pi(s) and
     # k - 1 Gaussian perturbations of it (std sigma), the action with the highest min_j Q_j, in the same
@@ -436,8 +445,11 @@ def diagnose(run: str, out: str | None = None, n: int = 2000, episodes: int = 5,
         "real_to_offline_state_nn_distance": mean_nn_dist(s_real, s_off),
         "synthetic_to_offline_state_nn_distance": mean_nn_dist(s_syn, s_off),
         "offline_to_offline_state_nn_distance": mean_nn_dist(s_off[: n // 2], s_off[n // 2:]),
-        "q_start_mean": float(np.mean(q0)), "mc_return_mean": float(np.mean(mc)),
-        "overestimation_mean": float(np.mean(np.array(q0) - np.array(mc))),
+        # the fair comparison (Fig. 3b): Q(s0, a0) against the return the critic estimates (critic_target_return)
+        **target,
+        # the deterministic policy's plain discounted return, and Q at its first action: not what Q estimates
+        # when the entropy backup or Eq. 4's correction is on (kept to compare with older diagnostics)
+        "q_deterministic_start_mean": float(np.mean(q0)), "plain_return_mean": float(np.mean(mc)),
         "disc_p_offline": p, "episodes": episodes, "real_return_mean_discounted": float(np.mean(mc)),
         "real_states_nearest_source": visits,
         "real_return_mean": float(np.mean(returns)), "real_returns": returns, "q_filtered_return_mean": float(np.mean(filtered)),
@@ -455,12 +467,14 @@ def diagnose(run: str, out: str | None = None, n: int = 2000, episodes: int = 5,
     ax[1].set_title("(s, a, s') real vs synthetic (PCA)")
     for x in ax[:2]:
         x.legend(markerscale=4)
-    ax[2].scatter(mc, q0)
-    lim = [min(mc + q0), max(mc + q0)]
-    ax[2].plot(lim, lim, "k--", lw=1, label="Q = MC return")
-    ax[2].set_xlabel("discounted MC return (real env)")
-    ax[2].set_ylabel("min_j Q_j(s0, pi(s0))")
-    ax[2].set_title(f"value estimate, mean over-estimation {stats['overestimation_mean']:.1f}")
+    q_s, g_s = target["q_start"], target["target_returns"]
+    ax[2].scatter(g_s, q_s)
+    lim = [min(g_s + q_s), max(g_s + q_s)]
+    ax[2].plot(lim, lim, "k--", lw=1, label="Q = its target")
+    ax[2].set_xlabel(target["target"], fontsize=8)
+    ax[2].set_ylabel("min_j Q_j(s0, a0), a0 ~ pi(s0)")
+    ax[2].set_title(f"critic vs the return it estimates: mean over-estimation {stats['overestimation_mean']:.1f}",
+                    fontsize=9)
     ax[2].legend()
     ax[3].bar(list(p), list(p.values()), color=["C0", "C1", "C2"])
     ax[3].set_ylim(0, 1)
@@ -478,6 +492,52 @@ def diagnose(run: str, out: str | None = None, n: int = 2000, episodes: int = 5,
 # ----------------------------------------------------------------------------------------------------
 # behaviours: which behaviour policy the actor follows and the critic prefers, over a run's course
 # ----------------------------------------------------------------------------------------------------
+
+
+def log_prob(actor, s, a):
+    """log pi(a|s) of the tanh-Gaussian actor at given actions (Actor.sample's formula, u = atanh a)."""
+    import torch
+
+    mu, log_std = actor(s)
+    u = torch.atanh(a.clamp(-1 + 1e-6, 1 - 1e-6))
+    logp = (-0.5 * ((u - mu) / log_std.exp()) ** 2 - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
+    return logp - (2 * (np.log(2) - u - torch.nn.functional.softplus(-2 * u))).sum(-1)
+
+
+def critic_target_return(actor, critic, disc, a, ck, envs, ep_seed, mean, std, norm) -> dict:
+    """What the critic estimates, measured in the real env (a fair Fig. 3b). Its target (Eq. 6) is the soft
+    return of the *stochastic* policy with the reward it was trained on: Q(s0, a0) = E[ sum_t gamma^t r~_t
+    - alpha_ent * sum_{t>=1} gamma^t log pi(a_t|s_t) ], a_t ~ pi, with r~ = r + beta * clip(logit D) (Eq. 4, the
+    reward of the synthetic rows, where the policy's own actions are) and the entropy term only with
+    --backup-entropy. So the episodes here sample their actions (a0 included), the sums use the run's final
+    alpha_ent, beta and discriminator, and Q is read at (s0, a0). A run with --no-backup-entropy and --beta 0
+    compares its critic with the plain discounted return. Episodes end at 1,000 steps (the time limit), where
+    the critic would bootstrap: the sum misses at most gamma^1000 of the value."""
+    import torch
+
+    import damo
+
+    alpha_ent = float(torch.as_tensor(ck["log_alpha_ent"]).exp()) if a.backup_entropy else 0.0
+    rec = []
+    damo.evaluate(actor, envs, ep_seed, mean, std, "cpu", record=rec,
+                  pick=lambda s: actor.sample(s.float())[0].double())  # torch's generator: seeded by diagnose
+    q0, g = [], []
+    with torch.no_grad():
+        for ep in rec:
+            s, s2 = norm(np.stack([x[0] for x in ep])), norm(np.stack([x[2] for x in ep]))
+            act = torch.as_tensor(np.stack([x[1] for x in ep])).float()
+            r = torch.as_tensor([x[3] for x in ep], dtype=torch.float64)
+            bonus = a.beta * disc(s, act, s2).clamp(-a.logit_clip, a.logit_clip).double() if a.beta > 0 else 0.0
+            ent = -alpha_ent * log_prob(actor, s, act).double()
+            ent[0] = 0.0  # Q(s0, a0) holds no entropy term for a0 itself
+            disc_t = a.gamma ** torch.arange(len(ep), dtype=torch.float64)
+            g.append(float((disc_t * (r + bonus + ent)).sum()))
+            q0.append(float(critic(s[:1], act[:1]).min(0).values))
+    parts = ["soft return" if alpha_ent else "return", "of the sampling policy",
+             f"r + {a.beta:g} clip(logit D)" if a.beta > 0 else "r", f"alpha_ent {alpha_ent:.3g}" if alpha_ent else ""]
+    return {"target": f"discounted {parts[0]} {parts[1]}, reward {parts[2]}" + (f", {parts[3]}" if parts[3] else ""),
+            "q_start": q0, "target_returns": g, "q_start_mean": float(np.mean(q0)), "target_return_mean": float(np.mean(g)),
+            "overestimation_mean": float(np.mean(np.array(q0) - np.array(g))), "alpha_ent": alpha_ent, "beta": a.beta}
 
 
 def checkpoints_of(path: str) -> list[str]:
@@ -662,10 +722,166 @@ def data_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------------
+# the field's aggregate statistics (Agarwal et al., NeurIPS 2021, arXiv 2108.13264), on held-out scores
+# ----------------------------------------------------------------------------------------------------
+
+
+def iqm(*per_dataset) -> float:
+    """Interquartile mean of the runs' scores pooled over datasets: the mean of the middle 50% (scipy's
+    trim_mean cuts int(0.25 n) scores at each end)."""
+    from scipy import stats
+
+    return float(stats.trim_mean(np.concatenate(per_dataset), 0.25))
+
+
+def probability_of_improvement(*xy) -> float:
+    """P(X > Y): the first half of the arguments are X's scores per dataset, the second half Y's on the same
+    datasets. Per dataset, the share of (x, y) run pairs with x > y (ties count 1/2), averaged over datasets."""
+    m = len(xy) // 2
+    per = [np.mean((x[:, None] > y[None, :]) + 0.5 * (x[:, None] == y[None, :])) for x, y in zip(xy[:m], xy[m:])]
+    return float(np.mean(per))
+
+
+def stratified_interval(statistic, samples: list[np.ndarray], resamples: int, seed: int) -> tuple[float, float]:
+    """95% percentile interval of `statistic` over stratified bootstrap resamples: each dataset's runs are
+    resampled with replacement within that dataset (scipy.stats.bootstrap with one sample per dataset,
+    unpaired). NaN where a dataset has a single run (nothing to resample)."""
+    from scipy import stats
+
+    if any(len(x) < 2 for x in samples):
+        return float("nan"), float("nan")
+    res = stats.bootstrap(samples, statistic, n_resamples=resamples, confidence_level=0.95, method="percentile",
+                          vectorized=False, paired=False, rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def aggregate(runs: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
+    """From each finished run's held-out score: per dataset and variant the mean and std over seeds; per
+    variant the IQM over its datasets with its interval; for every two variants that share datasets, the
+    probability that the first beats the second, with its interval."""
+    import damo
+
+    scores: dict = {}
+    missing = [r["path"] for r in runs if r["finished"] and not r["heldout"]]
+    for r in runs:
+        if r["heldout"]:
+            scores.setdefault(r["variant"], {}).setdefault(r["env_id"], []).append(r["heldout"]["normalized_score"])
+    if missing:
+        print(f"warning: {len(missing)} finished runs have no held-out score and are left out (damo.py --eval-only "
+              f"RUN --heldout records it), e.g. {missing[0]}", file=sys.stderr)
+    if not scores:
+        raise damo.DamoError("no run under RUNS has a held-out score (results.json 'heldout'): finished runs record one; "
+                             "older runs get theirs with damo.py --eval-only RUN --heldout")
+    variants = sorted(scores)
+    envs = sorted({e for v in scores.values() for e in v}, key=dataset_key)
+    per_dataset = [{"dataset": e, "variant": v, "seeds": len(scores[v][e]), "mean": float(np.mean(scores[v][e])),
+                    "std": float(np.std(scores[v][e])), "scores": scores[v][e]}
+                   for e in envs for v in variants if e in scores[v]]
+    overall = []
+    for v in variants:
+        samples = [np.asarray(scores[v][e]) for e in envs if e in scores[v]]
+        lo, hi = stratified_interval(iqm, samples, resamples, seed)
+        overall.append({"variant": v, "datasets": len(samples), "runs": int(sum(map(len, samples))),
+                        "iqm": iqm(*samples), "low": lo, "high": hi})
+    improvement = []
+    for x in variants:
+        for y in variants:
+            shared = [e for e in envs if e in scores[x] and e in scores[y]]
+            if x == y or not shared:
+                continue
+            xy = [np.asarray(scores[x][e]) for e in shared] + [np.asarray(scores[y][e]) for e in shared]
+            lo, hi = stratified_interval(probability_of_improvement, xy, resamples, seed)
+            improvement.append({"x": x, "y": y, "datasets": len(shared), "p": probability_of_improvement(*xy),
+                                "low": lo, "high": hi})
+    return {"per_dataset": per_dataset, "iqm": overall, "improvement": improvement, "resamples": resamples,
+            "score": "held-out normalised score (results.json 'heldout')", "interval": "95% stratified bootstrap, percentile"}
+
+
+def aggregate_tables(agg: dict) -> str:
+    def ci(t):
+        return f"[{t['low']:.1f}, {t['high']:.1f}]" if np.isfinite(t["low"]) else "(one seed: no interval)"
+
+    lines = ["| dataset | variant | seeds | held-out score (mean +- std) |", "|---|---|---|---|"]
+    lines += [f"| {t['dataset']} | {t['variant']} | {t['seeds']} | {t['mean']:.1f} +- {t['std']:.1f} |"
+              for t in agg["per_dataset"]]
+    lines += ["", "| variant | datasets | runs | IQM | 95% CI |", "|---|---|---|---|---|"]
+    lines += [f"| {t['variant']} | {t['datasets']} | {t['runs']} | {t['iqm']:.1f} | {ci(t)} |" for t in agg["iqm"]]
+    if agg["improvement"]:
+        lines += ["", "| P(X > Y) | X | Y | datasets | 95% CI |", "|---|---|---|---|---|"]
+        lines += [f"| {t['p']:.2f} | {t['x']} | {t['y']} | {t['datasets']} | "
+                  + (f"[{t['low']:.2f}, {t['high']:.2f}]" if np.isfinite(t["low"]) else "(one seed)") + " |"
+                  for t in agg["improvement"]]
+    return "\n".join(lines)
+
+
+def plot_aggregate(agg: dict, out: str) -> list[str]:
+    """The field's interval figure: one row per variant, its IQM and 95% interval; beside it, P(X > Y)."""
+    rows, pairs = agg["iqm"], agg["improvement"]
+    fig, axes = plt.subplots(1, 2 if pairs else 1, figsize=(11 if pairs else 5.5, 0.6 * max(len(rows), len(pairs)) + 1.6),
+                             squeeze=False)
+    ax = axes[0, 0]
+    for i, t in enumerate(rows):
+        if np.isfinite(t["low"]):
+            ax.plot([t["low"], t["high"]], [i, i], lw=6, alpha=0.4, color=f"C{i}", solid_capstyle="butt")
+        ax.plot(t["iqm"], i, "|", ms=16, mew=2, color=f"C{i}")
+    ax.set_yticks(range(len(rows)), [f"{t['variant']} ({t['datasets']} datasets)" for t in rows])
+    ax.set_xlabel("IQM of held-out normalised score (95% stratified bootstrap CI)")
+    if pairs:
+        ax = axes[0, 1]
+        for i, t in enumerate(pairs):
+            if np.isfinite(t["low"]):
+                ax.plot([t["low"], t["high"]], [i, i], lw=6, alpha=0.4, color="C0", solid_capstyle="butt")
+            ax.plot(t["p"], i, "|", ms=16, mew=2, color="C0")
+        ax.axvline(0.5, color="k", ls="--", lw=1)
+        ax.set_xlim(0, 1)
+        ax.set_yticks(range(len(pairs)), [f"P({t['x']} > {t['y']})" for t in pairs])
+        ax.set_xlabel("probability of improvement (95% CI)")
+    fig.tight_layout()
+    paths = [f"{out}.png", f"{out}.pdf"]
+    for path in paths:
+        fig.savefig(path, dpi=130)
+    plt.close(fig)
+    with open(f"{out}.json", "w") as f:
+        json.dump(agg, f, indent=2)
+    return [*paths, f"{out}.json"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command line: one dataclass per command (tyro subcommands); each field's docstring is its --help
+# ----------------------------------------------------------------------------------------------------
+
+
+def _pos(metavar: str, help: str):
+    """A positional argument shown as METAVAR in the usage line."""
+    return tyro.conf.arg(metavar=metavar, help=help)
+
+
+def _out_dir_writable(out: str):
+    import damo
+
+    damo.check_writable(os.path.dirname(os.path.abspath(out)), "--out")
+
+
+def _runs_folder(root: str) -> list[dict]:
+    import damo
+
+    if not os.path.isdir(root):
+        raise damo.DamoError(f"the runs folder {root} does not exist; pass the --runs-dir your runs were written to")
+    return find_runs(root)
+
+
+def _beside(root: str, name: str) -> str:
+    """RUNS/../NAME: a sweep's figures sit beside its runs folder."""
+    return os.path.join(os.path.dirname(os.path.abspath(root.rstrip("/"))), name)
+
+
 @dataclass
-class CurveArgs:
-    runs: str = "runs"
-    """folder that holds run folders (searched recursively)"""
+class Curves:
+    """Learning curves over seeds from every run folder under RUNS: a PNG and a PDF, and a markdown table of
+    final, last-10 and best scores on stdout (`python plot.py RUNS` is the same command)."""
+
+    runs: Annotated[tyro.conf.Positional[str], _pos("RUNS", "folder that holds run folders (searched recursively)")] = "runs"
     out: str = "curves"
     """output path without extension (PNG and PDF are written)"""
     band: Literal["std", "ci95"] = "std"
@@ -673,189 +889,168 @@ class CurveArgs:
     metric: Literal["score", "return"] = "score"
     """normalised score or raw return on the y axis"""
 
+    def run(self) -> int:
+        import damo
 
-USAGE = {
-    "curves": "python plot.py [RUNS] [--out PATH] [--band std|ci95] [--metric score|return]\n"
-              "    learning curves over seeds from every run folder under RUNS (default runs/), a PNG and a PDF at\n"
-              "    --out (default curves), and a markdown table of final, last-10 and best scores on stdout.\n"
-              "    `python plot.py curves --help` lists the flags.",
-    "diagnose": "python plot.py diagnose runs/RUN\n"
-                "    the paper's Figs. 1, 3b and 4 for one trained run (its checkpoint.pt): offline, synthetic and real\n"
-                "    (s, a, s' - s) embedded by PCA, Q(s0, pi(s0)) against the Monte-Carlo return of 5 real episodes,\n"
-                "    the classifier's P(offline) on each set, which source dataset's states the policy visits, and the\n"
-                "    return when the critic picks each action. Writes RUN/diagnostics.png and RUN/diagnostics.json.",
-    "behaviours": "python plot.py behaviours runs/RUN POLICY.npz [POLICY.npz ...]\n"
-                  "    for a run on data made by make_dataset.py from these behaviour policies: at the data's states (each\n"
-                  "    source's, and the first 50 steps of every episode) the actor's distance to each behaviour's mean action,\n"
-                  "    which one the critic ranks highest, and Eq. 7b's keep rate; which source's states 3 real episodes visit\n"
-                  "    after their first 100 steps; for every snapshot of the run (damo.py --snapshot-every), else its\n"
-                  "    checkpoint. Writes RUN/behaviours.json and, with snapshots, behaviours.png.",
-    "sensitivity": "python plot.py sensitivity RUNS SETTING [--out PATH]\n"
-                   "    last-10 score against one setting's value over the runs under RUNS: SETTING is a damo.py flag name\n"
-                   "    (alpha, data_fraction, data_episodes, ...) or action_noise (the behaviour data's noise, from\n"
-                   "    make_dataset.py --action-noise). One panel per dataset, mean +- std over seeds with every seed, a\n"
-                   "    variant run at one value only (BC) as a line, the data's average as a dashed line. Writes\n"
-                   "    PATH.{png,pdf,json} (default RUNS/../sensitivity_SETTING) and prints a markdown table.",
-    "robustness": "python plot.py robustness RUNS [--noise 0,0.1,0.2,0.5,1] [--episodes 50] [--out PATH]\n"
-                  "    sensor noise at deployment: each finished run's final policy under RUNS evaluated on the same\n"
-                  "    episodes at each level of Gaussian noise on what it observes (in units of the data's std per\n"
-                  "    dimension; damo.py --eval-only --obs-noise). One panel per dataset, score against the noise per\n"
-                  "    variant, mean +- std over seeds. Writes PATH.{png,pdf,json} (default RUNS/../robustness) and a table.",
-    "data": "python plot.py data ENV_ID [GAMMA]\n"
-            "    per source dataset of a local Minari dataset (e.g. hopper-medium-expert): episodes, length, return,\n"
-            "    reward per step, share terminated and the discounted return from the start at GAMMA (default 0.99).",
-}
+        runs = _runs_folder(self.runs)
+        _out_dir_writable(self.out)
+        if not runs:
+            raise damo.DamoError(f"no readable runs under {self.runs} (a run folder holds config.json and eval.csv "
+                                 f"with at least one evaluation)")
+        paths = plot_curves(runs, self.out, self.band, self.metric)
+        print(summary_table(runs))
+        print(f"\nwrote {', '.join(paths)}", file=sys.stderr)
+        return 0
 
 
-def print_usage(command: str | None = None):
-    """`python plot.py --help` (every command) or `python plot.py COMMAND --help` (one)."""
-    if command is None:
-        print("plot.py: figures from damo.py runs. Commands:\n")
-    for name, text in USAGE.items():
-        if command in (None, name):
-            print(text + "\n")
+@dataclass
+class Diagnose:
+    """The paper's Figs. 1, 3b and 4 for one trained run (its checkpoint.pt): offline, synthetic and real
+    (s, a, s' - s) embedded by PCA, Q(s0, pi(s0)) against the Monte-Carlo return of 5 real episodes, the
+    classifier's P(offline) on each set, which source dataset's states the policy visits, and the return
+    when the critic picks each action. Writes RUN/diagnostics.{png,pdf,json}."""
+
+    run_dir: Annotated[tyro.conf.Positional[str], _pos("RUN", "a DAMO run folder (or its checkpoint.pt)")]
+
+    def run(self) -> int:
+        print(json.dumps(diagnose(self.run_dir), indent=2))
+        return 0
+
+
+@dataclass
+class Behaviours:
+    """For a run on data made by make_dataset.py from these behaviour policies: at the data's states (each
+    source's, and the first 50 steps of every episode) the actor's distance to each behaviour's mean action,
+    which one the critic ranks highest, and Eq. 7b's keep rate; which source's states 3 real episodes visit
+    after their first 100 steps; for every snapshot of the run (damo.py --snapshot-every), else its
+    checkpoint. Writes RUN/behaviours.json and, with snapshots, behaviours.png."""
+
+    run_dir: Annotated[tyro.conf.Positional[str], _pos("RUN", "a DAMO run folder")]
+    policies: Annotated[tyro.conf.Positional[tuple[str, ...]], _pos("POLICY.npz", "the behaviour policies (make_dataset.py's .npz files), one or more")]
+
+    def run(self) -> int:
+        import damo
+
+        if not self.policies:
+            raise damo.DamoError("pass at least one behaviour policy (.npz) after the run folder")
+        res = behaviours(self.run_dir, list(self.policies))
+        print(json.dumps(res["checkpoints"][-1], indent=2))
+        return 0
+
+
+@dataclass
+class Sensitivity:
+    """The last-10 score against one setting's value over the runs under RUNS: SETTING is a damo.py flag name
+    (alpha, data_fraction, data_episodes, ...) or action_noise (the behaviour data's noise, from make_dataset.py
+    --action-noise). One panel per dataset, mean +- std over seeds with every seed, a variant run at one value
+    only (BC) as a line, the data's average as a dashed line. Writes PATH.{png,pdf,json} and prints a table."""
+
+    runs: Annotated[tyro.conf.Positional[str], _pos("RUNS", "folder of runs (searched recursively)")]
+    setting: Annotated[tyro.conf.Positional[str], _pos("SETTING", "the setting on the x axis")]
+    out: Optional[str] = None
+    """output path without extension (default: RUNS/../sensitivity_SETTING)"""
+
+    def run(self) -> int:
+        out = self.out or _beside(self.runs, f"sensitivity_{self.setting}")
+        runs = _runs_folder(self.runs)
+        _out_dir_writable(out)
+        table, paths = sensitivity(runs, self.setting, out)
+        print(sensitivity_table(table, self.setting))
+        print(f"\nwrote {', '.join(paths)}", file=sys.stderr)
+        return 0
+
+
+@dataclass
+class Robustness:
+    """Sensor noise at deployment: each finished run's final policy under RUNS evaluated on the same episodes
+    (start seeds 10000 + k, damo.py --eval-only --seed 0's) at each level of Gaussian noise on what it
+    observes (in units of the data's std per dimension; damo.py --eval-only --obs-noise). One panel per
+    dataset, score against the noise per variant, mean +- std over seeds. Writes PATH.{png,pdf,json} and a
+    table."""
+
+    runs: Annotated[tyro.conf.Positional[str], _pos("RUNS", "folder of finished runs (searched recursively)")]
+    noise: tuple[float, ...] = (0.0, 0.1, 0.2, 0.5, 1.0)
+    """noise levels (std in units of the data's std), e.g. --noise 0 0.1 0.5"""
+    episodes: int = 50
+    """episodes per policy and level"""
+    out: Optional[str] = None
+    """output path without extension (default: RUNS/../robustness)"""
+
+    def run(self) -> int:
+        import damo
+
+        if not self.noise or any(not np.isfinite(v) or v < 0 for v in self.noise) or self.episodes < 1:
+            raise damo.DamoError(f"--noise {' '.join(map(str, self.noise))} / --episodes {self.episodes}: noise levels "
+                                 f"must be >= 0 and finite, episodes >= 1")
+        out = self.out or _beside(self.runs, "robustness")
+        runs = _runs_folder(self.runs)
+        _out_dir_writable(out)
+        table, paths = robustness(runs, sorted(set(self.noise)), self.episodes, out)
+        print(sensitivity_table(table, "obs_noise", f"score ({self.episodes} episodes)"))
+        print(f"\nwrote {', '.join(paths)}", file=sys.stderr)
+        return 0
+
+
+@dataclass
+class DataTable:
+    """Per source dataset of a local Minari dataset (e.g. hopper-medium-expert): episodes, length, return,
+    reward per step, share terminated and the discounted return from the start at GAMMA."""
+
+    env_id: Annotated[tyro.conf.Positional[str], _pos("ENV_ID", "a damo.py --env-id")]
+    gamma: Annotated[tyro.conf.Positional[float], _pos("GAMMA", "discount of the return from the start")] = 0.99
+
+    def run(self) -> int:
+        print(data_table(data_stats(self.env_id, self.gamma)))
+        return 0
+
+
+@dataclass
+class Aggregate:
+    """The field's statistics (Agarwal et al. 2021) from the held-out scores of the runs under RUNS: per dataset
+    each variant's mean +- std over seeds; over datasets the interquartile mean (IQM) of normalised scores with
+    a 95% stratified bootstrap interval (runs resampled within each dataset), and the probability that one
+    variant beats another, with its interval. Prints markdown tables; writes PATH.{png,pdf,json}."""
+
+    runs: Annotated[tyro.conf.Positional[str], _pos("RUNS", "folder of runs (searched recursively)")]
+    resamples: int = 2000
+    """bootstrap resamples"""
+    seed: int = 0
+    """seed of the bootstrap"""
+    out: Optional[str] = None
+    """output path without extension (default: RUNS/../aggregate)"""
+
+    def run(self) -> int:
+        import damo
+
+        if self.resamples < 100:
+            raise damo.DamoError(f"--resamples {self.resamples}: pass at least 100 (the field uses 2,000 or more)")
+        out = self.out or _beside(self.runs, "aggregate")
+        runs = _runs_folder(self.runs)
+        _out_dir_writable(out)
+        agg = aggregate(runs, self.resamples, self.seed)
+        print(aggregate_tables(agg))
+        print(f"\nwrote {', '.join(plot_aggregate(agg, out))}", file=sys.stderr)
+        return 0
+
+
+COMMANDS = {"curves": Curves, "aggregate": Aggregate, "diagnose": Diagnose, "behaviours": Behaviours, "sensitivity": Sensitivity,
+            "robustness": Robustness, "data": DataTable}
 
 
 def main(argv: list[str]) -> int:
-    import tyro
-
-    if not argv or argv[0] in ("-h", "--help"):
-        if argv:
-            print_usage()
-            return 0
-    elif argv[0] in USAGE and any(a in ("-h", "--help") for a in argv[1:]) and argv[0] != "curves":
-        print_usage(argv[0])
-        return 0
-    if argv and argv[0] == "curves":
-        argv = argv[1:]
-    if argv and argv[0] == "diagnose":
-        import damo
-
-        if len(argv) < 2:
-            print("usage: " + USAGE["diagnose"], file=sys.stderr)
-            return 2
-        try:
-            stats = diagnose(argv[1])
-        except (damo.DamoError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(json.dumps(stats, indent=2))
-        return 0
-    if argv and argv[0] == "behaviours":
-        import damo
-
-        if len(argv) < 3:
-            print("usage: " + USAGE["behaviours"], file=sys.stderr)
-            return 2
-        try:
-            res = behaviours(argv[1], argv[2:])
-        except (damo.DamoError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(json.dumps(res["checkpoints"][-1], indent=2))
-        return 0
-    if argv and argv[0] == "sensitivity":
-        import damo
-
-        rest = [a for a in argv[1:]]
-        out = None
-        if "--out" in rest:
-            i = rest.index("--out")
-            out = rest[i + 1] if i + 1 < len(rest) else None
-            rest = rest[:i] + rest[i + 2:]
-            if out is None:
-                print("error: --out needs a path", file=sys.stderr)
-                return 2
-        if len(rest) != 2:
-            print("usage: " + USAGE["sensitivity"], file=sys.stderr)
-            return 2
-        root, param = rest
-        out = out or os.path.join(os.path.dirname(os.path.abspath(root.rstrip("/"))), f"sensitivity_{param}")
-        try:
-            if not os.path.isdir(root):
-                raise damo.DamoError(f"the runs folder {root} does not exist")
-            damo.check_writable(os.path.dirname(os.path.abspath(out)), "--out")
-            table, paths = sensitivity(find_runs(root), param, out)
-        except damo.DamoError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(sensitivity_table(table, param))
-        print(f"\nwrote {', '.join(paths)}", file=sys.stderr)
-        return 0
-    if argv and argv[0] == "robustness":
-        import damo
-
-        opts, rest = {"--noise": "0,0.1,0.2,0.5,1", "--episodes": "50", "--out": None}, []
-        it = iter(argv[1:])
-        for a in it:
-            if a in opts:
-                opts[a] = next(it, None)
-                if opts[a] is None:
-                    print(f"error: {a} needs a value", file=sys.stderr)
-                    return 2
-            else:
-                rest.append(a)
-        if len(rest) != 1:
-            print("usage: " + USAGE["robustness"], file=sys.stderr)
-            return 2
-        root = rest[0]
-        out = opts["--out"] or os.path.join(os.path.dirname(os.path.abspath(root.rstrip("/"))), "robustness")
-        try:
-            try:
-                noise = [float(v) for v in opts["--noise"].split(",")]
-                episodes = int(opts["--episodes"])
-            except ValueError:
-                raise damo.DamoError(f"--noise {opts['--noise']} / --episodes {opts['--episodes']}: pass numbers, "
-                                     f"e.g. --noise 0,0.1,0.5 --episodes 50") from None
-            if any(not np.isfinite(v) or v < 0 for v in noise) or episodes < 1:
-                raise damo.DamoError(f"--noise {opts['--noise']} / --episodes {episodes}: noise levels must be >= 0 "
-                                     f"and finite, episodes >= 1")
-            if not os.path.isdir(root):
-                raise damo.DamoError(f"the runs folder {root} does not exist")
-            damo.check_writable(os.path.dirname(os.path.abspath(out)), "--out")
-            table, paths = robustness(find_runs(root), sorted(set(noise)), episodes, out)
-        except damo.DamoError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(sensitivity_table(table, "obs_noise", f"score ({episodes} episodes)"))
-        print(f"\nwrote {', '.join(paths)}", file=sys.stderr)
-        return 0
-    if argv and argv[0] == "data":
-        import damo
-
-        if len(argv) not in (2, 3):
-            print("usage: " + USAGE["data"], file=sys.stderr)
-            return 2
-        try:
-            rows = data_stats(argv[1], float(argv[2]) if len(argv) == 3 else 0.99)
-        except (damo.DamoError, FileNotFoundError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(data_table(rows))
-        return 0
-    if argv and not argv[0].startswith("-"):
-        argv = ["--runs", argv[0], *argv[1:]]
-    args = tyro.cli(CurveArgs, args=argv)
+    """`plot.py COMMAND ...`; `plot.py RUNS ...` is `plot.py curves RUNS ...`. tyro answers bad arguments
+    (exit status 2); a problem with the runs or data is one `error:` line (exit status 2)."""
     import damo
 
-    if not os.path.isdir(args.runs):
-        print(f"error: the runs folder {args.runs} does not exist; pass the --runs-dir your runs were written to",
-              file=sys.stderr)
-        return 2
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        argv = ["curves", *argv]
+    command = tyro.extras.subcommand_cli_from_dict(COMMANDS, prog="plot.py", args=argv,
+                                                   description=__doc__.split("\n\n")[0])
     try:
-        damo.check_writable(os.path.dirname(os.path.abspath(args.out)), "--out")
-    except damo.DamoError as e:
+        return command.run()
+    except (damo.DamoError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    runs = find_runs(args.runs)
-    if not runs:
-        print(f"error: no readable runs under {args.runs} (a run folder holds config.json and eval.csv with at "
-              f"least one evaluation)", file=sys.stderr)
-        return 2
-    paths = plot_curves(runs, args.out, args.band, args.metric)
-    print(summary_table(runs))
-    print(f"\nwrote {', '.join(paths)}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

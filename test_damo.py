@@ -274,6 +274,12 @@ def test_discriminator_loss_matches_hand_computation():
     assert info["disc_acc"].item() == pytest.approx(0.5 * ((l_off > 0).mean() + (l_syn < 0).mean()))
     assert info["disc_p_offline"].item() == pytest.approx(p_off.mean(), rel=1e-5)
     assert info["disc_p_synthetic"].item() == pytest.approx(p_syn.mean(), rel=1e-5)
+    # Eq. 4 from the same logits: r~ = r + beta * clip(logit, -c, c) on synthetic rows, r on offline rows
+    is_syn = torch.tensor([1.0, 0.0] * 4)
+    r_new, bonus = damo.corrected_reward(disc, syn["obs"], syn["act"], syn["rew"], syn["next_obs"], is_syn, 0.3, 0.05)
+    expected = syn["rew"].double().numpy() + 0.3 * np.clip(l_syn, -0.05, 0.05) * is_syn.numpy()
+    assert np.abs(l_syn).max() > 0.05  # the clip acts on some rows
+    np.testing.assert_allclose(r_new.double().numpy(), expected, rtol=1e-5, atol=1e-7)
 
 
 def test_temperature_loss_matches_hand_computation():
@@ -475,6 +481,65 @@ def test_cli_end_to_end_files_and_numbers(e2e_run):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(run))
 
 
+def test_resume_of_a_run_killed_in_its_heldout_evaluation(minari_root, e2e_run, tmp_path):
+    """Killed after its last checkpoint but before results.json (during the held-out evaluation): --resume
+    trains nothing, plays the held-out block and writes results.json; the same scores as the finished run."""
+    run = copy_run(e2e_run, tmp_path / "killed")
+    done = json.load(open(run / "results.json"))
+    (run / "results.json").unlink()
+    p = run_cli(["--resume", str(run)], minari_root)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.load(open(run / "results.json"))
+    assert res["heldout"]["returns"] == done["heldout"]["returns"] and res["global_steps"] == 200
+    assert res["final_normalized_score"] == done["final_normalized_score"] and res["resumed_at_steps"] == [200]
+    assert [r["global_step"] for r in csv.DictReader(open(run / "eval.csv"))] == ["100", "200"]  # nothing redone
+    again = run_cli(["--resume", str(run)], minari_root)  # now finished
+    assert again.returncode == 2 and "already finished at step 200" in again.stderr
+
+
+def test_heldout_block_is_disjoint_from_every_training_evaluation():
+    """Training evaluations reset episode k with seed + 10000 + k; the held-out block of any run seed lies
+    above every start seed any training evaluation of any seed can use (seeds < 2^32, up to a million
+    evaluation episodes), and the blocks of two run seeds never meet (at most 1,000 held-out episodes)."""
+    highest_training_seed = (2**32 - 1) + 10_000 + 10**6
+    for seed in (0, 1, 2, 3, 12345, 2**31, 2**32 - 1):
+        block = damo.heldout_seeds(seed, 1000)
+        assert block.start > highest_training_seed and len(block) == 1000
+        assert set(block).isdisjoint(damo.heldout_seeds(seed + 1, 1000))
+        assert set(block).isdisjoint(range(seed + 10_000, seed + 10_000 + 10**6))
+    # and the envs take such seeds: the same start state for the same seed, another one for the next
+    env = gym.make("Hopper-v5")
+    s0, s0b, s1 = (env.reset(seed=x)[0] for x in (damo.heldout_seeds(7, 2)[0], damo.heldout_seeds(7, 2)[0],
+                                                  damo.heldout_seeds(7, 2)[1]))
+    assert np.array_equal(s0, s0b) and not np.array_equal(s0, s1)
+
+
+def test_heldout_score_in_results_equals_eval_only(minari_root, e2e_run, tmp_path):
+    """A finished run records its final policy's held-out score (3 episodes in the tiny run, seed 3's block);
+    `--eval-only RUN --heldout` replays exactly those episodes and, for a copy of a run without one, records
+    it in that run's results.json; --heldout without --eval-only is refused."""
+    res = json.load(open(e2e_run / "results.json"))
+    h = res["heldout"]
+    assert h["episodes"] == 3 and h["seeds"] == [2**34 + 3000, 2**34 + 3003] and len(h["returns"]) == 3
+    assert res["heldout_normalized_score"] == h["normalized_score"]
+    ag, ck = damo.load_agent(str(e2e_run))
+    rets = damo.evaluate(ag.actor, [gym.make("Hopper-v5") for _ in range(3)], 2**34 + 3000, ck["obs_mean"],
+                         ck["obs_std"], "cpu")
+    assert rets.tolist() == h["returns"]
+    run = copy_run(e2e_run, tmp_path / "old")
+    old = {k: v for k, v in res.items() if not k.startswith("heldout")}  # a run made before held-out scores
+    (run / "results.json").write_text(json.dumps(old))
+    p = run_cli(["--eval-only", str(run), "--heldout", "--heldout-episodes", "3"], minari_root)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["returns"] == h["returns"] and out["seed"] == 3 and "recorded in" in p.stderr
+    now = json.load(open(run / "results.json"))
+    assert now["heldout"]["returns"] == h["returns"] and now["heldout_normalized_score"] == h["normalized_score"]
+    assert {k: v for k, v in now.items() if not k.startswith("heldout")} == old
+    q = run_cli(["--heldout", "--runs-dir", str(tmp_path / "r")], minari_root)
+    assert q.returncode == 2 and "--heldout" in q.stderr and "--eval-only" in q.stderr and "Traceback" not in q.stderr
+
+
 def test_checkpoint_reproduces_logged_evaluation(e2e_run):
     run = e2e_run
     rows = list(csv.DictReader(open(run / "eval.csv")))
@@ -626,7 +691,7 @@ BAD_FLAGS = [("--rollout-length", "0"), ("--batch-size", "0"), ("--n-elites", "9
              ("--rollout-freq", "0"), ("--hidden", "0"), ("--epochs", "0"), ("--steps-per-epoch", "0"),
              ("--eval-episodes", "0"), ("--gamma", "1.5"), ("--tau", "2"), ("--logit-clip", "-1"), ("--alpha", "-1"),
              ("--real-ratio", "0"), ("--actor-lr", "0"), ("--dynamics-max-epochs", "0"), ("--n-critics", "-2"),
-             ("--snapshot-every", "-1")]
+             ("--snapshot-every", "-1"), ("--heldout-episodes", "1001"), ("--heldout-episodes", "-1")]
 
 
 def test_cli_bad_flag_values_exit_2_before_any_work(tmp_path):
@@ -939,8 +1004,78 @@ def test_plot_curves_table_and_corrupt_runs(minari_root, e2e_run, tmp_path):
     assert "corrupt" in p.stderr and "starting" in p.stderr  # skipped with a warning naming them
     rows = list(csv.DictReader(open(e2e_run / "eval.csv")))
     final = float(rows[-1]["normalized_score"])
-    assert f"| hopper-medium-expert | DAMO (rollout_length=3) | 2 | {final:.1f} +- 0.0 |" in p.stdout
-    assert "| hopper-medium-expert | BC | 1 | 16.0 +- 0.0 | 9.8 +- 0.0 | 500.0 +- 0.0 | 300.0 +- 0.0 |" in p.stdout
+    held = json.load(open(e2e_run / "results.json"))["heldout"]["normalized_score"]  # the held-out column first
+    assert f"| hopper-medium-expert | DAMO (rollout_length=3) | 2 | {held:.1f} +- 0.0 (2) | {final:.1f} +- 0.0 |" in p.stdout
+    assert (f"| hopper-medium-expert | BC | 1 | {held:.1f} +- 0.0 (1) | 16.0 +- 0.0 | 9.8 +- 0.0 | 500.0 +- 0.0 | "
+            f"300.0 +- 0.0 |") in p.stdout
+
+
+AGG_X = {"hopper-medium": [40.0, 55.0, 61.0, 47.0], "walker2d-medium": [10.0, 12.0, 30.0, 11.0],
+         "halfcheetah-medium": [80.0, 70.0, 95.0, 88.0]}
+AGG_Y = {"hopper-medium": [42.0, 38.0, 50.0, 45.0], "walker2d-medium": [12.0, 9.0, 14.0, 11.0],
+         "halfcheetah-medium": [75.0, 72.0, 77.0, 90.0]}
+
+
+def test_aggregate_statistics_match_hand_computation():
+    """IQM, its stratified bootstrap interval and the probability of improvement against a by-hand numpy
+    computation on made-up scores (3 datasets x 4 runs)."""
+    import plot
+
+    X, Y = [np.array(v) for v in AGG_X.values()], [np.array(v) for v in AGG_Y.values()]
+    # IQM: the 12 pooled scores sorted, the lowest 3 and highest 3 dropped
+    assert plot.iqm(*X) == pytest.approx(np.sort(np.concatenate(X))[3:9].mean())
+    # the interval: resample each dataset's runs within that dataset, 95% percentile interval of the IQM
+    rng, boots = np.random.default_rng(1), []
+    for _ in range(20000):
+        res = np.concatenate([x[rng.integers(0, len(x), len(x))] for x in X])
+        boots.append(np.sort(res)[3:9].mean())
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    plo, phi = plot.stratified_interval(plot.iqm, X, 20000, 0)
+    assert plo == pytest.approx(lo, abs=0.6) and phi == pytest.approx(hi, abs=0.6) and hi - lo > 5
+    # pooled (unstratified) resampling gives another interval: the strata matter here
+    pooled = np.concatenate(X)
+    flat = [np.sort(pooled[rng.integers(0, 12, 12)])[3:9].mean() for _ in range(20000)]
+    assert np.percentile(flat, 2.5) < lo - 2
+    # P(X > Y): per dataset the share of run pairs with x > y (ties 1/2), averaged over datasets
+    by_hand = np.mean([sum((a > b) + 0.5 * (a == b) for a in x for b in y) / 16 for x, y in zip(X, Y)])
+    assert plot.probability_of_improvement(*X, *Y) == pytest.approx(by_hand)
+    assert plot.probability_of_improvement(np.array([3.0, 4.0]), np.array([1.0, 2.0]), np.array([1.0, 2.0]),
+                                           np.array([1.0, 3.0])) == pytest.approx((1.0 + 0.375) / 2)
+    assert np.isnan(plot.stratified_interval(plot.iqm, [np.array([1.0]), np.array([2.0, 3.0])], 200, 0)[0])
+
+
+def test_plot_aggregate_from_run_folders(tmp_path):
+    """`plot.py aggregate RUNS` reads the held-out scores from run folders (a run without one is named and
+    left out), prints the per-dataset, IQM and probability-of-improvement tables with the numbers of the
+    statistics above, and draws the interval figure."""
+    import plot
+
+    runs = tmp_path / "runs"
+    for variant, table in (("bc", AGG_X), ("damo", AGG_Y)):
+        for env_id, scores in table.items():
+            for seed, score in enumerate(scores):
+                d = runs / f"{env_id}__{variant}__{seed}"
+                d.mkdir(parents=True)
+                (d / "config.json").write_text(json.dumps({"args": {"env_id": env_id, "seed": seed, "bc": variant == "bc"},
+                                                           "data": {"env_family": env_id.split("-")[0]}}))
+                (d / "eval.csv").write_text("global_step,epoch,return_mean,return_std,normalized_score,"
+                                            "normalized_score_std,wall_time_s\n1000,1,1,0,1,0,1\n")
+                (d / "results.json").write_text(json.dumps({"heldout": {"normalized_score": score, "episodes": 100}}))
+    old = runs / "hopper-medium__damo__9"  # finished before held-out scores existed
+    shutil.copytree(runs / "hopper-medium__damo__0", old)
+    (old / "results.json").write_text("{}")
+    p = run_plot(["aggregate", str(runs), "--out", str(tmp_path / "agg"), "--resamples", "500"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "1 finished runs have no held-out score" in p.stderr and "--heldout" in p.stderr
+    X, Y = [np.array(v) for v in AGG_X.values()], [np.array(v) for v in AGG_Y.values()]
+    lo, hi = plot.stratified_interval(plot.iqm, X, 500, 0)
+    assert f"| BC | 3 | 12 | {plot.iqm(*X):.1f} | [{lo:.1f}, {hi:.1f}] |" in p.stdout, p.stdout
+    assert f"| {plot.probability_of_improvement(*Y, *X):.2f} | DAMO | BC | 3 |" in p.stdout
+    assert "| hopper-medium | DAMO | 4 | 43.8 +- 4.4 |" in p.stdout
+    agg = json.load(open(tmp_path / "agg.json"))
+    assert [t["variant"] for t in agg["iqm"]] == ["BC", "DAMO"] and (tmp_path / "agg.png").read_bytes()[:4] == b"\x89PNG"
+    bad = run_plot(["aggregate", str(runs), "--resamples", "10"], tmp_path)
+    error_line(bad.returncode, bad.stderr, "--resamples 10")
 
 
 def test_plot_diagnose_writes_figure_and_finite_json(minari_root, e2e_run, tmp_path):
@@ -957,9 +1092,11 @@ def test_plot_diagnose_writes_figure_and_finite_json(minari_root, e2e_run, tmp_p
     png = (run / "diagnostics.png").read_bytes()
     assert png[:4] == b"\x89PNG" and len(png) > 10_000
     nums = [stats[k] for k in ("real_to_offline_state_nn_distance", "synthetic_to_offline_state_nn_distance",
-                               "q_start_mean", "mc_return_mean", "overestimation_mean")] + list(stats["disc_p_offline"].values())
-    assert all(math.isfinite(x) for x in nums)
-    assert stats["overestimation_mean"] == pytest.approx(stats["q_start_mean"] - stats["mc_return_mean"], abs=1e-6)
+                               "q_start_mean", "target_return_mean", "overestimation_mean", "plain_return_mean")]
+    assert all(math.isfinite(x) for x in nums + list(stats["disc_p_offline"].values()))
+    assert stats["overestimation_mean"] == pytest.approx(stats["q_start_mean"] - stats["target_return_mean"], abs=1e-6)
+    # the run has the entropy backup and beta 0.1: the critic is compared with the soft return of r~
+    assert stats["target"].startswith("discounted soft return of the sampling policy, reward r + 0.1 clip(logit D)")
     assert all(0 <= x <= 1 for x in stats["disc_p_offline"].values()) and stats["n_real"] > 0
     assert stats["real_return_mean"] > 0 and math.isfinite(stats["q_filtered_return_mean"])
     assert math.isfinite(stats["random_perturbation_return_mean"])
@@ -968,6 +1105,47 @@ def test_plot_diagnose_writes_figure_and_finite_json(minari_root, e2e_run, tmp_p
     assert np.mean(stats["real_returns"][:2]) == pytest.approx(float(last["return_mean"]), abs=1e-3)
     visits = stats["real_states_nearest_source"]  # medium-expert: the two sources' shares sum to 1
     assert visits["mujoco/hopper/medium-v0 (all steps)"] + visits["mujoco/hopper/expert-v0 (all steps)"] == pytest.approx(1)
+
+
+def test_fair_overestimation_target_by_hand(minari_root, e2e_run):
+    """plot.critic_target_return: the sampled episodes' discounted sum of r + beta clip(logit D) - alpha_ent log pi
+    (no entropy term for a0), by hand for each episode; with --no-backup-entropy and --beta 0 it is the plain
+    discounted return of the same episodes."""
+    from dataclasses import replace
+
+    import plot
+
+    ag, ck = damo.load_agent(str(e2e_run))
+    a = damo.saved_args(ck)
+    mean, std = ck["obs_mean"], ck["obs_std"]
+    norm = lambda x: (torch.as_tensor(x, dtype=torch.float32) - mean) / std  # noqa: E731
+    envs = [gym.make("Hopper-v5") for _ in range(2)]
+
+    def run(args):
+        torch.manual_seed(5)
+        return plot.critic_target_return(ag.actor, ag.critic, ag.disc, args, ck, envs, 7, mean, std, norm)
+
+    soft, plain = run(a), run(replace(a, beta=0.0, backup_entropy=False))
+    torch.manual_seed(5)  # the same sampled episodes, recorded here
+    rec = []
+    damo.evaluate(ag.actor, envs, 7, mean, std, "cpu", record=rec, pick=lambda s: ag.actor.sample(s.float())[0].double())
+    alpha_ent = math.exp(float(ck["log_alpha_ent"]))
+    assert soft["alpha_ent"] == pytest.approx(alpha_ent) and plain["alpha_ent"] == 0.0
+    for k, ep in enumerate(rec):
+        plain_sum = sum(a.gamma ** t * x[3] for t, x in enumerate(ep))
+        assert plain["target_returns"][k] == pytest.approx(plain_sum, rel=1e-6)
+        hand = 0.0
+        for t, (o, act, o2, r) in enumerate(ep):
+            s, s2, at = norm(o[None]), norm(o2[None]), torch.as_tensor(act[None]).float()
+            with torch.no_grad():
+                bonus = 0.1 * float(ag.disc(s, at, s2).clamp(-a.logit_clip, a.logit_clip))
+                mu, log_std = ag.actor(s)
+                u = torch.atanh(at.clamp(-1 + 1e-6, 1 - 1e-6))
+                normal = torch.distributions.Normal(mu, log_std.exp())
+                logp = float((normal.log_prob(u) - torch.log(1 - torch.tanh(u) ** 2)).sum())
+            hand += a.gamma ** t * (r + bonus - (alpha_ent * logp if t > 0 else 0.0))
+        assert soft["target_returns"][k] == pytest.approx(hand, rel=1e-3, abs=1e-3)
+    assert soft["q_start"] == plain["q_start"]  # the same (s0, a0): only the target differs
 
 
 def test_plot_data_per_source_table(minari_root):
@@ -1058,7 +1236,7 @@ def test_eval_only_reproduces_logged_evaluation_and_rejects_corrupt_checkpoint(m
 RESUMABLE = ["--env-id", "hopper-medium-expert", "--seed", "3", "--no-download", "--epochs", "4",
              "--steps-per-epoch", "100", "--log-every", "50", "--rollout-freq", "50", "--rollout-batch-size", "500",
              "--rollout-length", "3", "--eval-episodes", "2", "--threads", "1", "--hidden", "64",
-             "--checkpoint-every", "150"]
+             "--checkpoint-every", "150", "--heldout-episodes", "3"]
 
 
 def eval_rows(run):  # every column but the wall time
@@ -1483,21 +1661,26 @@ def test_sweep_on_a_ray_cluster_survives_a_lost_node(minari_root, tmp_path, requ
 
 
 def test_plot_help_lists_and_documents_every_command(tmp_path):
-    """`plot.py --help` names every command; each command's --help documents it (exit 0, no run, no
-    error), and a command without its argument still fails with its usage."""
+    """plot.py's commands are tyro subcommands: `plot.py --help` names every command; each command's --help is
+    tyro's usage with its positional arguments and documents the command (exit 0, no run, no error); a
+    command without its argument, or with a value of the wrong type, gets tyro's error and exit status 2."""
     top = run_plot(["--help"], tmp_path)
     assert top.returncode == 0, top.stderr
-    for name in ("diagnose runs/RUN", "data ENV_ID", "--band", "curves --help", "behaviours runs/RUN",
-                 "sensitivity RUNS SETTING", "robustness RUNS"):
-        assert name in top.stdout, (name, top.stdout)
-    for command, words in (("diagnose", "Monte-Carlo return"), ("data", "discounted return"),
-                           ("behaviours", "Eq. 7b"), ("sensitivity", "last-10 score against"),
-                           ("robustness", "sensor noise at deployment")):
+    assert "usage: plot.py [-h] {curves,aggregate,diagnose,behaviours,sensitivity,robustness,data}" in top.stdout, top.stdout
+    for command, usage, words in (("diagnose", "RUN", "Monte-Carlo return"), ("data", "ENV_ID GAMMA", "discounted return"),
+                                  ("behaviours", "RUN POLICY.npz", "Eq. 7b"),
+                                  ("sensitivity", "RUNS SETTING", "last-10 score against"),
+                                  ("robustness", "RUNS", "Sensor noise at deployment"),
+                                  ("aggregate", "RUNS", "interquartile mean (IQM)")):
         res = run_plot([command, "--help"], tmp_path)
-        assert res.returncode == 0 and words in res.stdout and "error" not in res.stderr, (command, res)
-        assert run_plot([command], tmp_path).returncode == 2
+        assert res.returncode == 0 and f"usage: plot.py {command} [-h] {usage}" in res.stdout, (command, res.stdout)
+        assert words in " ".join(res.stdout.split()) and "error" not in res.stderr, (command, res)
+        bare = run_plot([command], tmp_path)
+        assert bare.returncode == 2 and "Traceback" not in bare.stderr and "Missing" in bare.stderr, (command, bare.stderr)
     curves = run_plot(["curves", "--help"], tmp_path)
-    assert curves.returncode == 0 and "--metric" in curves.stdout, curves
+    assert curves.returncode == 0 and "--metric" in curves.stdout and "usage: plot.py curves" in curves.stdout, curves
+    wrong = run_plot(["curves", str(tmp_path), "--band", "ci99"], tmp_path)
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr and "--band" in wrong.stderr, wrong.stderr
 
 
 def test_snapshots_and_plot_behaviours(minari_root, e2e_run, tmp_path):
@@ -1698,12 +1881,13 @@ def test_plot_sensitivity_from_runs(minari_root, tmp_path):
     assert [(t["data_fraction"], t["seeds"]) for t in json.load(open(tmp_path / "old_sens.json"))] == [(1.0, 1)]
     for argv, must in [(["sensitivity", str(runs), "nope"], "unknown setting 'nope'"),
                        (["sensitivity", str(tmp_path / "none"), "alpha"], "does not exist"),
-                       (["robustness", str(runs), "--noise", "0,-1"], "noise levels must be >= 0"),
-                       (["robustness", str(runs), "--noise", "a"], "pass numbers")]:
+                       (["robustness", str(runs), "--noise", "0", "-1"], "noise levels must be >= 0")]:
         q = run_plot(argv, minari_root)
         error_line(q.returncode, q.stderr, must)
+    q = run_plot(["robustness", str(runs), "--noise", "a"], minari_root)  # tyro's own error: not a number
+    assert q.returncode == 2 and "Traceback" not in q.stderr and "Error parsing --noise" in q.stderr, q.stderr
     # plot.py robustness: each final policy at each sensor-noise level, the numbers of damo.py --eval-only
-    p = run_plot(["robustness", str(runs), "--noise", "0,1", "--episodes", "2", "--out", str(tmp_path / "rob")], minari_root)
+    p = run_plot(["robustness", str(runs), "--noise", "0", "1", "--episodes", "2", "--out", str(tmp_path / "rob")], minari_root)
     assert p.returncode == 0, p.stderr[-2000:]
     table = json.load(open(tmp_path / "rob.json"))
     for x in (0.0, 1.0):
