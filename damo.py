@@ -33,16 +33,17 @@ Usage:
 
 Map of the file (top to bottom, in the order of the algorithm):
     1. Args        every flag, its symbol, equation and where its default comes from
-    2. Data        D normalised on the device (prepare_data), a subset of episodes (limited coverage),
-                   normalised scores (Eq. 10), batches, the buffer S
+    2. Data        D normalised on the device (prepare_data), normalised scores (Eq. 10), batches, the
+                   buffer S
     3. Networks    EnsembleLinear, dynamics ensemble, termination functions, classifier, critics, actor
     4. Losses      dynamics_loss (Eq. 9), discriminator_loss (Eq. 3), corrected_reward (Eq. 4),
                    critic_loss (Eqs. 5-6), actor_loss (Eqs. 7, 7b), temperature_loss (Eq. 8)
     5. damo_update one gradient step: classifier -> r~ -> critics -> actor -> temperature -> targets
     6. train_dynamics, model_rollout, evaluate
     7. Algorithm 1 fit_dynamics -> train (the loop) -> main
-    Appendix       plumbing, not part of DAMO: flag checks, the held-out final score (the one to report),
-                   Minari and D4RL files -> flat arrays, the run's
+    Appendix       plumbing, not part of DAMO: flag checks, the peers' settings (--penalty), the held-out
+                   final score (the one to report), Minari and D4RL files -> flat arrays and a subset of
+                   episodes (limited coverage), the run's
                    history and folder (logs, eval.csv, results.json), checkpoints and --resume,
                    --eval-only, --benchmark
 """
@@ -166,6 +167,16 @@ class Args:
     """learning rate of the entropy temperature alpha_ent (Eq. 8; ours, 10x MOBILE's: on halfcheetah the first score above 20 at 4-8k steps, not 9-13k; docs/evidence.md)"""
     n_critics: int = 2
     """critics in the ensemble; the target takes their minimum (SAC default)"""
+
+    # --- the paper's peers on this pipeline: MOPO and MOBILE reward penalties (not DAMO) ---
+    penalty: str = "none"
+    """a peer's reward penalty on synthetic rows, in the critic's target: mopo (Yu et al. 2020), mobile (Sun et al. 2023) or none; with a penalty, DAMO's alignments are off and the dataset's published settings apply to every flag not given (PEER_SETTINGS, docs/peers.md)"""
+    penalty_coef: Optional[float] = None
+    """the penalty's coefficient, MOPO's lambda or MOBILE's beta (default: the dataset's published value)"""
+    penalty_samples: int = 10
+    """MOBILE: next states drawn from each elite to estimate the Bellman target's spread (MOBILE default)"""
+    alpha_ent_fixed: Optional[float] = None
+    """a fixed entropy temperature instead of Eq. 8's tuning (MOBILE's 0.2 on hopper-medium and -medium-replay)"""
     hidden: int = 256
     """width of the actor's and critics' two hidden layers (SAC default)"""
 
@@ -300,45 +311,6 @@ def prepare_data(args: Args, device) -> Data:
     }
     term_fn = termination_fn_for(info["env_family"], arrays) if not args.bc else never_terminates
     return Data(D, info, obs_mean, obs_std, term_fn, make_eval_envs(env, args.eval_episodes))
-
-
-def load_offline(args: Args) -> tuple[dict, dict, gym.Env]:
-    """D's arrays (a Minari dataset, or a D4RL file with --dataset-path), cut to the run's episodes."""
-    if args.dataset_path:
-        arrays, info, env = load_d4rl_hdf5(args.dataset_path, args.env_id)
-    else:
-        arrays, info, env = load_dataset(args.env_id, download=args.download)
-    arrays, info = limit_coverage(arrays, info, args)
-    return arrays, info, env
-
-
-def limit_coverage(arrays: dict, info: dict, args: Args) -> tuple[dict, dict]:
-    """Limited coverage (the paper claims robustness to it; how it is made is ours): keep a random subset of
-    D's episodes, --data-episodes of them or a --data-fraction, drawn with --data-seed. Everything after
-    this sees only the subset: the ensemble, the batches, rollout starts, the normalisation statistics,
-    the data's average return. Whole episodes are kept, so every kept transition keeps its true successor."""
-    n_ep = int(arrays["episode"].max()) + 1 if len(arrays["episode"]) else 0
-    k = args.data_episodes if args.data_episodes is not None else max(1, round(args.data_fraction * n_ep))
-    if k > n_ep:
-        raise DamoError(f"--data-episodes {k}: the dataset has only {n_ep} episodes; pass at most {n_ep}, or a "
-                        f"--data-fraction")
-    if k < n_ep:
-        keep = np.random.default_rng(args.data_seed).choice(n_ep, size=k, replace=False)
-        rows = np.isin(arrays["episode"], keep)
-        arrays = {key: v[rows] for key, v in arrays.items()}
-    n = len(arrays["rewards"])
-    need = args.dynamics_batch_size + min(int(0.2 * n), args.dynamics_holdout) if not args.bc else 2
-    if n < need:
-        what = f"--data-episodes {k}" if args.data_episodes is not None else f"--data-fraction {args.data_fraction}"
-        raise DamoError(f"{what} keeps {k} of {n_ep} episodes, {n} transitions: too few to train on (the ensemble needs "
-                        f"{need}: a batch of --dynamics-batch-size {args.dynamics_batch_size} after its holdout); "
-                        f"keep more episodes")
-    returns = np.bincount(np.unique(arrays["episode"], return_inverse=True)[1], weights=arrays["rewards"])
-    info = {**info, "n_transitions": n, "n_episodes": k, "data_return_mean": float(returns.mean()),
-            "data_score_mean": float(normalized_score(returns.mean(), info)) if info["ref_min_score"] is not None else None}
-    if k < n_ep:
-        info["coverage"] = {"episodes": k, "of_episodes": n_ep, "data_seed": args.data_seed}
-    return arrays, info
 
 
 def normalized_score(ret, info: dict):
@@ -550,8 +522,31 @@ def corrected_reward(disc: Discriminator, s, a, r, s_next, is_synthetic, beta: f
     return r + bonus, bonus
 
 
+def mopo_penalty(model: DynamicsEnsemble, s, a, obs_std) -> torch.Tensor:
+    """MOPO's uncertainty u(s, a) (Yu et al. 2020; OfflineRL-Kit's "aleatoric" mode) [peer, not DAMO]: the largest,
+    over all members, of the L2 norm of the predicted std of (s', r), in raw units (x obs_std), as its
+    published coefficients assume. [B]"""
+    _, logvar = model(torch.cat([s, a], -1).expand(model.n, -1, -1))  # [E, B, obs + 1]
+    scale = torch.cat([obs_std, obs_std.new_ones(1)])
+    return ((0.5 * logvar).exp() * scale).norm(dim=-1).max(0).values
+
+
+def mobile_penalty(model: DynamicsEnsemble, critic_target, actor, s, a, n_samples: int) -> torch.Tensor:
+    """MOBILE's uncertainty u(s, a) (Sun et al., ICML 2023) [peer, not DAMO]: each elite draws n_samples next
+    states; min_k Qbar_k(s', a'), a' ~ pi(s'), averaged over each elite's draws; u = the std of those
+    averages across the elites (the model-Bellman inconsistency). [B]"""
+    n_el, B = len(model.elites), len(s)
+    mean, logvar = model(torch.cat([s, a], -1).expand(n_el, -1, -1), members=model.elites)  # [n_el, B, obs + 1]
+    eps = torch.randn(n_samples, *mean.shape, device=s.device)
+    s2 = s + (mean + eps * (0.5 * logvar).exp())[..., :-1]  # [n_samples, n_el, B, obs]
+    flat = s2.reshape(-1, s.shape[1])
+    q = critic_target(flat, actor.sample(flat)[0]).min(0).values.view(n_samples, n_el, B)
+    return q.mean(0).std(0)
+
+
 def critic_loss(critic, critic_target, actor, log_alpha_ent, batch: dict, n_real: int, offline: Optional[dict],
-                alpha: float, gamma: float, backup_entropy: bool = True):
+                alpha: float, gamma: float, backup_entropy: bool = True, penalty: Optional[Callable] = None,
+                target_min: Optional[float] = None):
     """Eqs. 5-6 (inner min over Q, behaviour alignment "ir") [ours: COMBO/CQL's regulariser with rho = B,
     motivated by a dual of the divergence (docs/derivation.md says how it differs from that dual); our
     reading of the paper's "dual conservative value estimation"], for every critic j:
@@ -561,7 +556,9 @@ def critic_loss(critic, critic_target, actor, log_alpha_ent, batch: dict, n_real
       y = r~ + gamma * (1 - done) * ( min_k Qbar_k(s', a') - alpha_ent * log pi(a'|s') ),  a' ~ pi(s'),
 
     the entropy part only with backup_entropy (SAC's soft value; without it Q estimates the return of
-    Eq. 1's objective itself, as CQL's `backup_entropy=False`).
+    Eq. 1's objective itself, as CQL's `backup_entropy=False`). A peer's penalty (mopo_penalty,
+    mobile_penalty: `penalty(s, a)` -> coefficient * u) is subtracted from the synthetic rows' reward here,
+    and MOBILE clamps its target at target_min = 0.
 
     The push-up expectation is over offline rows: the first n_real rows of B, or `offline` when given
     (a separate offline batch, used when B holds few offline rows). Two other forms of the push-down
@@ -570,9 +567,12 @@ def critic_loss(critic, critic_target, actor, log_alpha_ent, batch: dict, n_real
     s, a, r, s2, d = batch["obs"], batch["act"], batch["rew"], batch["next_obs"], batch["done"]
     alpha_ent = log_alpha_ent.exp().detach()
     with torch.no_grad():
+        pen = penalty(s, a) * (torch.arange(len(s), device=s.device) >= n_real) if penalty else torch.zeros_like(r)
+        r = r - pen  # a peer's (MOPO, MOBILE) penalty coefficient * u(s, a) on synthetic rows; 0 for DAMO
         a2, logp2 = actor.sample(s2)
         v2 = critic_target(s2, a2).min(0).values - (alpha_ent * logp2 if backup_entropy else 0.0)
         y = r + gamma * (1.0 - d) * v2  # Eq. 6, [B]
+        y = y if target_min is None else y.clamp_min(target_min)
         a_pi = actor.sample(s)[0] if alpha > 0 else None
     if alpha > 0:
         if offline is None:
@@ -592,7 +592,7 @@ def critic_loss(critic, critic_target, actor, log_alpha_ent, batch: dict, n_real
     info = {"critic_loss": loss, "td_loss": td, "conservative_gap": conservative / critic.n,
             "q_data": q[:, :n_real].mean(), "target_q": y.mean()}
     if n_real < len(s):
-        info["q_synthetic"] = q[:, n_real:].mean()
+        info.update(q_synthetic=q[:, n_real:].mean(), penalty_synthetic=pen[n_real:].mean())
     return loss, info
 
 
@@ -664,6 +664,7 @@ class Agent:
     log_alpha_ent: Optional[torch.Tensor] = None
     alpha_ent_opt: Optional[torch.optim.Optimizer] = None
     target_entropy: float = 0.0
+    obs_std: Optional[torch.Tensor] = None  # D's observation std (MOPO's penalty is in raw units)
 
 
 def make_agent(obs_dim: int, act_dim: int, args: Args, device) -> Agent:
@@ -677,7 +678,7 @@ def make_agent(obs_dim: int, act_dim: int, args: Args, device) -> Agent:
     ag.critic = CriticEnsemble(obs_dim, act_dim, args.hidden, args.n_critics).to(device)
     ag.critic_target = copy.deepcopy(ag.critic).requires_grad_(False)
     ag.critic_opt = torch.optim.Adam(ag.critic.parameters(), lr=args.critic_lr)
-    ag.log_alpha_ent = torch.zeros((), device=device, requires_grad=True)
+    ag.log_alpha_ent = torch.tensor(math.log(args.alpha_ent_fixed or 1.0), device=device, requires_grad=True)
     ag.alpha_ent_opt = torch.optim.Adam([ag.log_alpha_ent], lr=args.alpha_ent_lr)
     ag.target_entropy = -float(act_dim)  # -|A| (SAC)
     return ag
@@ -708,9 +709,10 @@ def damo_update(ag: Agent, D: dict, synthetic: "SyntheticBuffer", args: Args) ->
     batch["rew"], bonus = corrected_reward(ag.disc, batch["obs"], batch["act"], batch["rew"], batch["next_obs"],
                                            is_syn, args.beta, args.logit_clip)  # Eq. 4
     # few offline rows in B (small real_ratio): the push-up term and Eq. 7b get an offline batch of their own
-    offline = sample_rows(D, args.batch_size) if n_real < args.batch_size // 2 else None
+    offline = sample_rows(D, args.batch_size) if n_real < args.batch_size // 2 and args.alpha > 0 else None
     loss_q, info_q = critic_loss(ag.critic, ag.critic_target, ag.actor, ag.log_alpha_ent, batch, n_real, offline,
-                                 args.alpha, args.gamma, args.backup_entropy)  # Eqs. 5-6
+                                 args.alpha, args.gamma, args.backup_entropy, peer_penalty(ag, args),
+                                 0.0 if args.penalty == "mobile" else None)  # Eqs. 5-6 (with a peer's penalty)
     sgd_step(ag.critic_opt, loss_q)
     s_bc = offline if offline is not None else off
     ag.critic.requires_grad_(False)  # the actor's backward needs dQ/da only, not the critics' weight gradients
@@ -719,7 +721,8 @@ def damo_update(ag: Agent, D: dict, synthetic: "SyntheticBuffer", args: Args) ->
     sgd_step(ag.actor_opt, loss_pi)
     ag.critic.requires_grad_(True)
     loss_a, info_a = temperature_loss(ag.log_alpha_ent, logp, ag.target_entropy)  # Eq. 8
-    sgd_step(ag.alpha_ent_opt, loss_a)
+    if args.alpha_ent_fixed is None:
+        sgd_step(ag.alpha_ent_opt, loss_a)
     with torch.no_grad():  # Polyak averaging of the target critics, in place, one fused call
         torch._foreach_lerp_(list(ag.critic_target.parameters()), list(ag.critic.parameters()), args.tau)
     info = {**info_d, **info_q, **info_pi, **info_a, "reward_bonus_synthetic": (bonus * is_syn).sum() / max(n_syn, 1)}
@@ -938,9 +941,10 @@ def main(args: Args, explicit: Optional[set] = None) -> dict:
     hist = History(t_start=time.time())
     check_args(args)
     ck = None
-    if args.resume:  # called from Python without `explicit`: every field that differs from the default counts
-        explicit = explicit if explicit is not None else {f for f in Args.__dataclass_fields__
-                                                          if getattr(args, f) != getattr(Args(), f)}
+    # called from Python without `explicit`: every field that differs from the default counts as given
+    explicit = explicit if explicit is not None else {f for f in Args.__dataclass_fields__
+                                                      if getattr(args, f) != getattr(Args(), f)}
+    if args.resume:
         ck, args = load_resume(args, explicit)
 
     # --- seeding (CleanRL block); a resumed run restores every RNG state from its checkpoint ---
@@ -961,9 +965,11 @@ def main(args: Args, explicit: Optional[set] = None) -> dict:
         check_resume_data(args, ck, data)  # a resumed run keeps the values it was started with
     else:
         args = with_env_defaults(args, data.info["env_family"], data.info["dataset"])
+        args = with_peer_settings(args, data.info["dataset"], explicit)  # --penalty: MOPO's or MOBILE's settings
     start_step = 0 if ck is None else int(ck["global_step"])
     obs_dim, act_dim = data.D["obs"].shape[1], data.D["act"].shape[1]
     ag = make_agent(obs_dim, act_dim, args, device)
+    ag.obs_std = data.obs_std
     compile_losses(args.compile)
     status = Progress()
     if ck is None and args.dynamics_path and not args.bc:  # Algorithm 1, step 2 with a saved M^
@@ -992,8 +998,9 @@ def main(args: Args, explicit: Optional[set] = None) -> dict:
 
 
 # ====================================================================================================
-# Appendix: plumbing (not part of DAMO). Flag checks, the held-out score, Minari and D4RL loading, the
-# run folder, checkpoints and --resume, --eval-only and video, --benchmark, progress, versions
+# Appendix: plumbing (not part of DAMO). Flag checks, the peers' settings, the held-out score, Minari and
+# D4RL loading, limited coverage, the run folder, checkpoints and --resume, --eval-only and video,
+# --benchmark, progress, versions
 # ====================================================================================================
 
 
@@ -1013,7 +1020,8 @@ FLAG_RANGES = {
     "batch_size": (2, None, True), "actor_lr": (0, None, False), "critic_lr": (0, None, False),
     "alpha_ent_lr": (0, None, False), "n_critics": (1, None, True), "hidden": (1, None, True),
     "epochs": (1, None, True), "steps_per_epoch": (1, None, True), "eval_episodes": (1, None, True),
-    "eval_every": (1, None, True), "heldout_episodes": (0, 1000, True), "data_fraction": (0, 1, False), "data_episodes": (1, None, True),
+    "eval_every": (1, None, True), "heldout_episodes": (0, 1000, True), "penalty_coef": (0, None, True),
+    "penalty_samples": (1, None, True), "alpha_ent_fixed": (0, None, False), "data_fraction": (0, 1, False), "data_episodes": (1, None, True),
     "data_seed": (0, 2**32 - 1, True), "obs_noise": (0, None, True),
 }
 
@@ -1034,6 +1042,14 @@ def check_args(args: "Args"):
     if args.data_episodes is not None and args.data_fraction != 1.0:
         raise DamoError(f"--data-episodes {args.data_episodes} and --data-fraction {args.data_fraction} both choose the "
                         f"subset; pass one of them")
+    if args.penalty not in ("none", "mopo", "mobile"):
+        raise DamoError(f"--penalty {args.penalty}: unknown; pass mopo, mobile or none")
+    if args.penalty != "none" and args.bc:
+        raise DamoError(f"--penalty {args.penalty} penalises the critic's target; --bc has no critic: drop one of them")
+    if args.penalty == "none" and args.penalty_coef is not None:
+        raise DamoError(f"--penalty-coef {args.penalty_coef} weighs a peer's penalty: pass --penalty mopo or mobile too")
+    if args.penalty == "mobile" and args.n_elites < 2:
+        raise DamoError(f"--penalty mobile takes a standard deviation across elites: --n-elites {args.n_elites} must be >= 2")
     if args.heldout and (not args.eval_only or args.obs_noise or args.capture_video or not args.heldout_episodes):
         raise DamoError("--heldout scores a saved policy on the held-out block: pass it with --eval-only RUN and "
                         "--heldout-episodes N >= 1 (runs score it themselves at the end), without --obs-noise or "
@@ -1085,6 +1101,57 @@ def explicit_flags(argv: list[str]) -> set:
 
 
 # ----------------------------------------------------------------------------------------------------
+# The paper's peers on this pipeline: MOPO's and MOBILE's published settings (--penalty)
+# ----------------------------------------------------------------------------------------------------
+
+# Per dataset (h, coefficient) as the peers' public code runs them (OfflineRL-Kit's MOPO comments,
+# MOBILE's official configs; docs/peers.md), and the SAC settings both use: DAMO's alignments off
+# (alpha 0, beta 0), real ratio 0.05, gamma 0.99, tau 0.005, temperature rate 1e-4; MOBILE backs up
+# without the entropy term. Not reproduced: the actor's cosine learning-rate schedule, and MOBILE's
+# 30-epoch ensemble cap on walker2d-medium (a sweep's ensemble is shared by its variants).
+PEER_COMMON = {"alpha": 0.0, "beta": 0.0, "real_ratio": 0.05, "gamma": 0.99, "tau": 0.005, "alpha_ent_lr": 1e-4}
+PEER_SETTINGS = {
+    "mopo": {"backup_entropy": True, **{d: {"rollout_length": h, "penalty_coef": c} for d, (h, c) in {
+        "halfcheetah-medium": (5, 0.5), "hopper-medium": (5, 5.0), "walker2d-medium": (5, 0.5),
+        "halfcheetah-medium-replay": (5, 0.5), "hopper-medium-replay": (5, 2.5), "walker2d-medium-replay": (1, 2.5),
+        "halfcheetah-medium-expert": (5, 2.5), "hopper-medium-expert": (5, 5.0), "walker2d-medium-expert": (1, 2.5),
+    }.items()}},
+    "mobile": {"backup_entropy": False, **{d: {"rollout_length": h, "penalty_coef": c} for d, (h, c) in {
+        "halfcheetah-medium": (5, 0.5), "hopper-medium": (5, 1.5), "walker2d-medium": (5, 0.5),
+        "halfcheetah-medium-replay": (5, 0.1), "hopper-medium-replay": (5, 0.1), "walker2d-medium-replay": (1, 0.5),
+        "halfcheetah-medium-expert": (5, 1.0), "hopper-medium-expert": (5, 1.5), "walker2d-medium-expert": (1, 1.5),
+    }.items()}},
+}
+PEER_SETTINGS["mobile"]["hopper-medium"]["alpha_ent_fixed"] = 0.2
+PEER_SETTINGS["mobile"]["hopper-medium-replay"]["alpha_ent_fixed"] = 0.2
+PEER_SETTINGS["mobile"]["halfcheetah-medium-expert"]["real_ratio"] = 0.5
+
+
+def peer_penalty(ag: Agent, args: Args) -> Optional[Callable]:
+    """--penalty's function of (s, a) for critic_loss: coefficient * u(s, a); None without a penalty."""
+    if args.penalty == "mopo":
+        return lambda s, a: args.penalty_coef * mopo_penalty(ag.dynamics, s, a, ag.obs_std)
+    if args.penalty == "mobile":
+        return lambda s, a: args.penalty_coef * mobile_penalty(ag.dynamics, ag.critic_target, ag.actor, s, a,
+                                                               args.penalty_samples)
+    return None
+
+
+def with_peer_settings(args: Args, dataset: str, explicit: set) -> Args:
+    """--penalty mopo|mobile: the peer's settings for this dataset in every field not given explicitly."""
+    if args.penalty == "none":
+        return args
+    table = PEER_SETTINGS[args.penalty]
+    row = table.get(dataset)
+    if row is None and not {"penalty_coef", "rollout_length"} <= explicit:
+        published = sorted(k for k, v in table.items() if isinstance(v, dict))
+        raise DamoError(f"--penalty {args.penalty}: no published setting for dataset '{dataset}' (published: "
+                        f"{', '.join(published)}); pass --penalty-coef and --rollout-length")
+    values = {**PEER_COMMON, "backup_entropy": table["backup_entropy"], **(row or {})}
+    return replace(args, **{k: v for k, v in values.items() if k not in explicit})
+
+
+# ----------------------------------------------------------------------------------------------------
 # The reported score: the final policy on held-out start states
 # ----------------------------------------------------------------------------------------------------
 
@@ -1111,6 +1178,50 @@ def heldout_evaluation(actor: Actor, env_id, seed: int, n: int, obs_mean, obs_st
     return {"episodes": n, "seeds": [block.start, block.stop], "normalized_score": float(norm.mean()),
             "normalized_score_std": float(norm.std()), "return_mean": float(rets.mean()),
             "return_std": float(rets.std()), "returns": rets.tolist()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# D's arrays for a run: its dataset, cut to a subset of episodes for the limited-coverage experiment
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_offline(args: Args) -> tuple[dict, dict, gym.Env]:
+    """D's arrays (a Minari dataset, or a D4RL file with --dataset-path), cut to the run's episodes."""
+    if args.dataset_path:
+        arrays, info, env = load_d4rl_hdf5(args.dataset_path, args.env_id)
+    else:
+        arrays, info, env = load_dataset(args.env_id, download=args.download)
+    arrays, info = limit_coverage(arrays, info, args)
+    return arrays, info, env
+
+
+def limit_coverage(arrays: dict, info: dict, args: Args) -> tuple[dict, dict]:
+    """Limited coverage (the paper claims robustness to it; how it is made is ours): keep a random subset of
+    D's episodes, --data-episodes of them or a --data-fraction, drawn with --data-seed. Everything after
+    this sees only the subset: the ensemble, the batches, rollout starts, the normalisation statistics,
+    the data's average return. Whole episodes are kept, so every kept transition keeps its true successor."""
+    n_ep = int(arrays["episode"].max()) + 1 if len(arrays["episode"]) else 0
+    k = args.data_episodes if args.data_episodes is not None else max(1, round(args.data_fraction * n_ep))
+    if k > n_ep:
+        raise DamoError(f"--data-episodes {k}: the dataset has only {n_ep} episodes; pass at most {n_ep}, or a "
+                        f"--data-fraction")
+    if k < n_ep:
+        keep = np.random.default_rng(args.data_seed).choice(n_ep, size=k, replace=False)
+        rows = np.isin(arrays["episode"], keep)
+        arrays = {key: v[rows] for key, v in arrays.items()}
+    n = len(arrays["rewards"])
+    need = args.dynamics_batch_size + min(int(0.2 * n), args.dynamics_holdout) if not args.bc else 2
+    if n < need:
+        what = f"--data-episodes {k}" if args.data_episodes is not None else f"--data-fraction {args.data_fraction}"
+        raise DamoError(f"{what} keeps {k} of {n_ep} episodes, {n} transitions: too few to train on (the ensemble needs "
+                        f"{need}: a batch of --dynamics-batch-size {args.dynamics_batch_size} after its holdout); "
+                        f"keep more episodes")
+    returns = np.bincount(np.unique(arrays["episode"], return_inverse=True)[1], weights=arrays["rewards"])
+    info = {**info, "n_transitions": n, "n_episodes": k, "data_return_mean": float(returns.mean()),
+            "data_score_mean": float(normalized_score(returns.mean(), info)) if info["ref_min_score"] is not None else None}
+    if k < n_ep:
+        info["coverage"] = {"episodes": k, "of_episodes": n_ep, "data_seed": args.data_seed}
+    return arrays, info
 
 
 # ----------------------------------------------------------------------------------------------------

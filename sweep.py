@@ -6,7 +6,8 @@
     python sweep.py ... --address ray-head:6379            # the same sweep on an existing Ray cluster
 
 Everything after `--` is damo.py flags shared by every run. A variant is `damo` (the defaults), `bc`
-(--bc), `wo_er` (--beta 0), `wo_ir` (--alpha 0), or `NAME=FLAGS` (e.g. "unfiltered=--no-bc-filter").
+(--bc), `wo_er` (--beta 0), `wo_ir` (--alpha 0), `mopo` and `mobile` (--penalty: the peer with its published
+settings for each dataset, damo.py's PEER_SETTINGS), or `NAME=FLAGS` (e.g. "unfiltered=--no-bc-filter").
 On a cluster started with token authentication (Ray's default for `ray start --head`), this machine
 needs the cluster's token: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (README "Sweeps").
 
@@ -43,7 +44,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VARIANTS = {"damo": [], "bc": ["--bc"], "wo_er": ["--beta", "0"], "wo_ir": ["--alpha", "0"]}
+VARIANTS = {"damo": [], "bc": ["--bc"], "wo_er": ["--beta", "0"], "wo_ir": ["--alpha", "0"],
+            "mopo": ["--penalty", "mopo"], "mobile": ["--penalty", "mobile"]}  # peers: each dataset's published settings
 # set by the sweep itself for every run; in --flags or a variant they would break its bookkeeping
 MANAGED = ("env_id", "seed", "runs_dir", "run_name", "resume", "dynamics_path", "dynamics_only", "threads",
            "eval_only", "benchmark")
@@ -64,7 +66,7 @@ class SweepArgs:
     seeds: tuple[int, ...] = (0, 1, 2)
     """seeds of every variant on every dataset"""
     variants: tuple[str, ...] = ("damo", "bc")
-    """damo, bc, wo_er, wo_ir, or NAME=FLAGS with damo.py flags of that variant"""
+    """damo, bc, wo_er, wo_ir, mopo, mobile, or NAME=FLAGS with damo.py flags of that variant"""
     grid: tuple[str, ...] = ()
     """FLAG=V1,V2,... (e.g. alpha=1,5,10): every variant at every value (several: every combination);
     runs are named VARIANT_FLAGVALUE (damo_alpha5)"""

@@ -254,6 +254,114 @@ def test_dynamics_loss_matches_hand_computation():
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
+def _members_by_hand(model, x):
+    """Every member of a DynamicsEnsemble from its weights, in float64: (mean, soft-clamped logvar) [E, B, out]."""
+    W = [(l.weight.detach().double().numpy(), l.bias.detach().double().numpy()) for l in [*model.layers, model.head]]
+    hi, lo = model.max_logvar.detach().double().numpy()[0, 0], model.min_logvar.detach().double().numpy()[0, 0]
+    softplus = lambda z: np.log1p(np.exp(-np.abs(z))) + np.maximum(z, 0)  # noqa: E731
+    means, logvars = [], []
+    for e in range(model.n):
+        h = x.double().numpy()
+        for w, b in W[:-1]:
+            z = h @ w[e] + b[e]
+            h = z / (1 + np.exp(-z))
+        out = h @ W[-1][0][e] + W[-1][1][e]
+        k = out.shape[-1] // 2
+        lv = lo + softplus((hi - softplus(hi - out[:, k:])) - lo)
+        means.append(out[:, :k]), logvars.append(lv)
+    return np.stack(means), np.stack(logvars)
+
+
+def test_mopo_penalty_matches_hand_computation():
+    """MOPO's u(s, a): over all 7 members, the largest L2 norm of the predicted std of (s', r), the
+    observation part in raw units (normalised std x obs_std)."""
+    torch.manual_seed(0)
+    model = damo.DynamicsEnsemble(4, 2, 7, 16, 5)
+    s, a = torch.randn(6, 4), torch.rand(6, 2) * 2 - 1
+    obs_std = torch.tensor([0.5, 2.0, 1.0, 3.0])
+    u = damo.mopo_penalty(model, s, a, obs_std)
+    _, logvar = _members_by_hand(model, torch.cat([s, a], -1))
+    scale = np.r_[obs_std.numpy(), 1.0]
+    by_hand = np.max(np.linalg.norm(np.exp(0.5 * logvar) * scale, axis=-1), axis=0)
+    np.testing.assert_allclose(u.detach().numpy(), by_hand, rtol=1e-5)
+    assert not np.allclose(by_hand, np.max(np.linalg.norm(np.exp(0.5 * logvar), axis=-1), axis=0))  # units matter
+
+
+def test_mobile_penalty_matches_hand_computation():
+    """MOBILE's u(s, a): each elite draws n next states s' = s + mean + eps * std (the same eps here), a' ~ pi(s'),
+    min over target critics of Q(s', a'), the mean over each elite's draws, then the std (n - 1) across elites."""
+    torch.manual_seed(0)
+    model = damo.DynamicsEnsemble(4, 2, 7, 16, 3)
+    model.elites.copy_(torch.tensor([1, 4, 6]))
+    critic, actor = damo.CriticEnsemble(4, 2, 16, 2), damo.Actor(4, 2, 16)
+    s, a = torch.randn(5, 4), torch.rand(5, 2) * 2 - 1
+    torch.manual_seed(1)
+    u = damo.mobile_penalty(model, critic, actor, s, a, 4)
+    torch.manual_seed(1)  # the same draws, in the same order: eps, then the actor's noise
+    eps = torch.randn(4, 3, 5, 5).double().numpy()
+    mean, logvar = _members_by_hand(model, torch.cat([s, a], -1))
+    mean, logvar = mean[[1, 4, 6]], logvar[[1, 4, 6]]
+    s2 = s.double().numpy() + (mean + eps * np.exp(0.5 * logvar))[..., :-1]  # [4, 3, 5, 4]
+    flat = torch.as_tensor(s2.reshape(-1, 4)).float()
+    a2 = actor.sample(flat)[0]
+
+    def q_j(j, x, y):  # critic j from its weights
+        h = np.maximum(np.c_[x, y] @ critic.l1.weight[j].detach().numpy() + critic.l1.bias[j].detach().numpy(), 0)
+        h = np.maximum(h @ critic.l2.weight[j].detach().numpy() + critic.l2.bias[j].detach().numpy(), 0)
+        return (h @ critic.l3.weight[j].detach().numpy() + critic.l3.bias[j].detach().numpy())[:, 0]
+
+    q = np.minimum(q_j(0, flat.numpy(), a2.detach().numpy()), q_j(1, flat.numpy(), a2.detach().numpy())).reshape(4, 3, 5)
+    np.testing.assert_allclose(u.detach().numpy(), q.mean(0).std(0, ddof=1), rtol=1e-4, atol=1e-6)
+
+
+def test_critic_target_with_a_peer_penalty_and_clamp():
+    """critic_loss with a penalty: y = r - penalty(s, a) on synthetic rows only (offline rows keep r), then
+    MOBILE's clamp at 0; here with the deterministic backup (no entropy term), as MOBILE."""
+    torch.manual_seed(0)
+    critic, actor = damo.CriticEnsemble(4, 2, 16, 2), damo.Actor(4, 2, 16)
+    batch, n_real, gamma = _small_batch(), 3, 0.9
+    pen = torch.linspace(0.5, 4.0, 8)
+    torch.manual_seed(2)
+    _, info = damo.critic_loss(critic, critic, actor, torch.tensor(0.0), batch, n_real, None, 0.0, gamma, False,
+                               lambda s, a: pen, 0.0)
+    torch.manual_seed(2)
+    a2, _ = actor.sample(batch["next_obs"])
+    with torch.no_grad():
+        y = batch["rew"] - pen * (torch.arange(8) >= n_real) + gamma * (1 - batch["done"]) * critic(batch["next_obs"], a2).min(0).values
+    assert (y < 0).any() and (y > 0).any()  # the clamp acts on some rows
+    assert info["target_q"].item() == pytest.approx(y.clamp_min(0).mean().item(), rel=1e-5)
+    assert info["penalty_synthetic"].item() == pytest.approx(pen[n_real:].mean().item())  # logged
+
+
+def test_peer_settings_per_dataset():
+    """--penalty mopo|mobile applies each dataset's published (h, coefficient) and the peers' shared SAC settings
+    to every flag not given; a flag given wins; a dataset without published settings needs both values."""
+    def resolved(penalty, dataset, explicit=frozenset(), **given):
+        args = damo.with_env_defaults(damo.Args(penalty=penalty, **given), dataset.split("-")[0], dataset)
+        return damo.with_peer_settings(args, dataset, {"penalty", *explicit})
+
+    a = resolved("mopo", "hopper-medium-expert")
+    assert (a.rollout_length, a.penalty_coef, a.alpha, a.beta, a.real_ratio, a.gamma, a.tau, a.alpha_ent_lr,
+            a.backup_entropy, a.alpha_ent_fixed) == (5, 5.0, 0.0, 0.0, 0.05, 0.99, 0.005, 1e-4, True, None)
+    assert (resolved("mopo", "walker2d-medium-replay").rollout_length, resolved("mopo", "walker2d-medium-replay").penalty_coef) == (1, 2.5)
+    m = resolved("mobile", "hopper-medium")
+    assert (m.penalty_coef, m.alpha_ent_fixed, m.backup_entropy, m.rollout_length) == (1.5, 0.2, False, 5)
+    assert resolved("mobile", "halfcheetah-medium-expert").real_ratio == 0.5
+    assert resolved("mobile", "walker2d-medium-expert").rollout_length == 1
+    assert resolved("mobile", "hopper-medium-expert").alpha_ent_fixed is None
+    assert resolved("mopo", "hopper-medium", {"penalty_coef"}, penalty_coef=3.0).penalty_coef == 3.0  # given wins
+    assert resolved("none", "hopper-medium").alpha == 5.0  # DAMO untouched
+    with pytest.raises(damo.DamoError, match="no published setting for dataset 'hopper-expert'"):
+        resolved("mopo", "hopper-expert")
+    ok = resolved("mopo", "hopper-expert", {"penalty_coef", "rollout_length"}, penalty_coef=1.0, rollout_length=3)
+    assert (ok.penalty_coef, ok.rollout_length, ok.alpha) == (1.0, 3, 0.0)
+    import sweep
+
+    runs, _, _ = sweep.plan(sweep.SweepArgs(env_ids=["hopper-medium-expert"], seeds=[0], variants=["mopo", "mobile"],
+                                            sweep_dir="unused"), ["--epochs", "2"])
+    assert [r["argv"][2:4] for r in runs] == [["--penalty", "mopo"], ["--penalty", "mobile"]]
+
+
 def test_discriminator_loss_matches_hand_computation():
     """Eq. 3 in float64: -mean log D(offline) - mean log(1 - D(synthetic)), D = sigmoid of the classifier's
     logit on (s, a, s' - s); accuracy and mean probabilities from the same logits."""
@@ -497,6 +605,27 @@ def test_resume_of_a_run_killed_in_its_heldout_evaluation(minari_root, e2e_run, 
     assert again.returncode == 2 and "already finished at step 200" in again.stderr
 
 
+def test_peer_runs_record_their_settings_and_bad_values_are_refused(minari_root, e2e_run, tmp_path):
+    """A tiny MOPO and MOBILE run on the e2e run's ensemble: finite evaluations, config.json holds the dataset's
+    published settings (TINY's explicit --rollout-length 3 kept). An unknown
+    penalty, a penalty with --bc, a coefficient without a penalty: exit 2, one line naming the flag, no run."""
+    for penalty, coef, backup in (("mopo", 5.0, True), ("mobile", 1.5, False)):
+        p = run_cli(["--env-id", "hopper-medium-expert", "--seed", "0", "--runs-dir", str(tmp_path), "--run-name", penalty,
+                     "--no-download", "--penalty", penalty, "--dynamics-path", str(e2e_run / "dynamics.pt"), *TINY],
+                    minari_root)
+        assert p.returncode == 0, p.stderr[-3000:]
+        cfg = json.load(open(tmp_path / penalty / "config.json"))["args"]
+        assert (cfg["penalty"], cfg["penalty_coef"], cfg["backup_entropy"], cfg["alpha"], cfg["beta"], cfg["real_ratio"],
+                cfg["rollout_length"]) == (penalty, coef, backup, 0.0, 0.0, 0.05, 3)
+        rows = list(csv.DictReader(open(tmp_path / penalty / "eval.csv")))
+        assert len(rows) == 2 and all(math.isfinite(float(r["return_mean"])) for r in rows)
+    bad = [["--penalty", "mopa"], ["--penalty", "mopo", "--bc"], ["--penalty-coef", "2"]]
+    says = ["--penalty mopa: unknown", "--bc has no critic", "--penalty-coef 2.0 weighs a peer's penalty"]
+    for (code, err), must in zip(run_many("damo.py", [[*b, "--runs-dir", str(tmp_path / "no")] for b in bad], minari_root), says):
+        error_line(code, err, must)
+    assert not (tmp_path / "no").exists()
+
+
 def test_heldout_block_is_disjoint_from_every_training_evaluation():
     """Training evaluations reset episode k with seed + 10000 + k; the held-out block of any run seed lies
     above every start seed any training evaluation of any seed can use (seeds < 2^32, up to a million
@@ -691,7 +820,8 @@ BAD_FLAGS = [("--rollout-length", "0"), ("--batch-size", "0"), ("--n-elites", "9
              ("--rollout-freq", "0"), ("--hidden", "0"), ("--epochs", "0"), ("--steps-per-epoch", "0"),
              ("--eval-episodes", "0"), ("--gamma", "1.5"), ("--tau", "2"), ("--logit-clip", "-1"), ("--alpha", "-1"),
              ("--real-ratio", "0"), ("--actor-lr", "0"), ("--dynamics-max-epochs", "0"), ("--n-critics", "-2"),
-             ("--snapshot-every", "-1"), ("--heldout-episodes", "1001"), ("--heldout-episodes", "-1")]
+             ("--snapshot-every", "-1"), ("--heldout-episodes", "1001"), ("--heldout-episodes", "-1"),
+             ("--penalty-coef", "-1"), ("--alpha-ent-fixed", "0")]
 
 
 def test_cli_bad_flag_values_exit_2_before_any_work(tmp_path):
