@@ -49,14 +49,21 @@ def variant_label(args: dict, family: str = "") -> str:
     """DAMO / w/o er / w/o ir / BC, plus every knob that differs from damo.py's defaults for that dataset."""
     import damo
 
-    d = damo.with_env_defaults(damo.Args(), family, damo.dataset_name(args.get("dataset_path") or args.get("env_id", "")))
+    dataset = damo.dataset_name(args.get("dataset_path") or args.get("env_id", ""))
+    d = damo.with_env_defaults(damo.Args(), family, dataset)
+    peer = args.get("penalty", "none")
+    if peer != "none":  # MOPO / MOBILE: labelled against their own published settings
+        try:
+            d = damo.with_peer_settings(replace(d, penalty=peer), dataset, {"penalty"})
+        except damo.DamoError:
+            pass
     if args.get("bc"):
         sub = [f"{k}={args[k]:g}" for k in ("data_fraction", "data_episodes") if args.get(k) not in (None, 1.0)]
         return "BC" + (f" ({', '.join(sub)})" if sub else "")
     alpha, beta = args.get("alpha", d.alpha), args.get("beta", d.beta)
-    name = "w/o ir" if alpha == 0 else "w/o er" if beta == 0 else "DAMO"
+    name = {"mopo": "MOPO", "mobile": "MOBILE"}.get(peer) or ("w/o ir" if alpha == 0 else "w/o er" if beta == 0 else "DAMO")
     knobs = ("alpha", "beta", "bc_coef", "bc_filter", "real_ratio", "rollout_length", "gamma", "tau", "actor_lr", "critic_lr",
-             "alpha_ent_lr", "backup_entropy", "data_fraction", "data_episodes")
+             "alpha_ent_lr", "backup_entropy", "data_fraction", "data_episodes", "penalty_coef", "alpha_ent_fixed")
     extra = [f"{k}={args[k]:g}" for k in knobs
              if k in args and args[k] != getattr(d, k) and not (k == "beta" and beta == 0)
              and not (alpha == 0 and k in ("alpha", "bc_coef", "bc_filter"))]  # inert at alpha 0
@@ -492,6 +499,103 @@ def diagnose(run: str, out: str | None = None, n: int = 2000, episodes: int = 5,
 # ----------------------------------------------------------------------------------------------------
 # behaviours: which behaviour policy the actor follows and the critic prefers, over a run's course
 # ----------------------------------------------------------------------------------------------------
+
+
+def outside_share(ref_a: np.ndarray, ref_b: np.ndarray, x: np.ndarray, q: float = 95.0) -> tuple[float, float]:
+    """How much of x lies outside the data: the threshold is the q-th percentile of the distances from each
+    offline point of ref_a to its nearest neighbour in ref_b (two disjoint offline samples); returns the share
+    of x's points farther than that from their nearest neighbour in ref_b, and the threshold."""
+    import torch
+
+    def nn_dist(u, v):
+        return torch.cdist(torch.as_tensor(u, dtype=torch.float64), torch.as_tensor(v, dtype=torch.float64)).min(1).values.numpy()
+
+    threshold = float(np.percentile(nn_dist(ref_a, ref_b), q))
+    return float(np.mean(nn_dist(x, ref_b) > threshold)), threshold
+
+
+def side_by_side(runs: list[dict], env_id: str, seed: int, out: str, n: int = 2000, episodes: int = 5) -> dict:
+    """The paper's Fig. 1 for several methods at once: for each variant's run on `env_id` with `seed`, offline,
+    synthetic (its policy rolled in its own model from the same offline states) and real (its deterministic
+    policy in the real env, the run's own evaluation seeds) transitions (s, a, s' - s), in one embedding
+    (PCA fitted on the offline sample, observations normalised with the data's statistics), a panel per
+    method; per method, the share of real and of synthetic transitions outside the data (outside_share)."""
+    import gymnasium as gym
+    import torch
+
+    import damo
+
+    chosen = {}
+    for r in runs:
+        if r["env_id"] == env_id and r["seed"] == seed and r["finished"]:
+            chosen.setdefault(r["variant"], r)
+    if not chosen:
+        raise damo.DamoError(f"no finished run of {env_id} with seed {seed} under the runs folder")
+    first = damo.saved_args(damo.load_agent(next(iter(chosen.values()))["path"])[1])
+    data, info, env = damo.load_offline(replace(first, download=False))
+    mean = torch.as_tensor(data["observations"].mean(0))
+    std = torch.as_tensor(data["observations"].std(0)).clamp_min(1e-3)  # prepare_data's statistics
+    norm = lambda x: (torch.as_tensor(x, dtype=torch.float32) - mean) / std  # noqa: E731
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(len(data["rewards"]), 3 * n, replace=False)  # the sample shown, and two to set the threshold
+    def offline_of(i):
+        return {"obs": norm(data["observations"][i]), "act": torch.as_tensor(data["actions"][i]),
+                "next_obs": norm(data["next_observations"][i])}
+
+    def feats(d):
+        return torch.cat([d["obs"], d["act"], d["next_obs"] - d["obs"]], -1).numpy()
+
+    shown, ref_a, ref_b = (offline_of(rows[k * n:(k + 1) * n]) for k in range(3))
+    F_off, F_a, F_b = feats(shown), feats(ref_a), feats(ref_b)
+    mu = F_off.mean(0)
+    _, _, vt = np.linalg.svd(F_off - mu, full_matrices=False)
+    P = lambda f: (f - mu) @ vt[:2].T  # noqa: E731
+    term_fn = damo.termination_fn_for(info["env_family"], data)
+    table, panels = [], []
+    for variant, r in sorted(chosen.items()):
+        torch.manual_seed(seed)
+        ag, ck = damo.load_agent(r["path"])
+        a = damo.saved_args(ck)
+        rec = []
+        rets = damo.evaluate(ag.actor, damo.make_eval_envs(gym.make(info["eval_env_id"]), episodes), a.seed + 10_000,
+                             ck["obs_mean"], ck["obs_std"], "cpu", record=rec)
+        steps = [x for ep in rec for x in ep]
+        F_real = feats({"obs": norm(np.stack([x[0] for x in steps])), "act": torch.as_tensor(np.stack([x[1] for x in steps])).float(),
+                        "next_obs": norm(np.stack([x[2] for x in steps]))})
+        real_out, threshold = outside_share(F_a, F_b, F_real)
+        row = {"variant": variant, "run": r["path"], "real_outside": real_out, "n_real": len(F_real),
+               "real_return_mean": float(np.mean(rets)), "synthetic_outside": None, "threshold": threshold}
+        F_syn = None
+        if ag.dynamics is not None:  # the run's own model and normalisation (the same data: the same statistics)
+            with torch.no_grad():
+                start = (shown["obs"] * std + mean - ck["obs_mean"]) / ck["obs_std"]
+                syn = damo.model_rollout(ag.dynamics, ag.actor, start, a.rollout_length, term_fn, ck["obs_mean"], ck["obs_std"])
+            raw = lambda z: z * ck["obs_std"] + ck["obs_mean"]  # noqa: E731
+            F_syn = feats({"obs": norm(raw(syn["obs"])), "act": syn["act"], "next_obs": norm(raw(syn["next_obs"]))})
+            row["synthetic_outside"] = outside_share(F_a, F_b, F_syn[:4000])[0]
+        table.append(row)
+        panels.append((variant, F_syn, F_real))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.4), squeeze=False, sharex=True, sharey=True)
+    for ax, (variant, F_syn, F_real), row in zip(axes[0], panels, table):
+        ax.scatter(*P(F_off).T, s=3, alpha=0.3, color="0.6", label="offline")
+        if F_syn is not None:
+            ax.scatter(*P(F_syn[:4000]).T, s=3, alpha=0.3, color="C1", label="synthetic")
+        ax.scatter(*P(F_real[:4000]).T, s=3, alpha=0.4, color="C2", label="real")
+        ax.set_title(f"{variant}: {100 * row['real_outside']:.0f}% of real transitions outside the data", fontsize=9)
+        ax.legend(markerscale=4, fontsize=8)
+    fig.suptitle(f"{env_id}, seed {seed}: (s, a, s' - s) in one embedding (PCA of the offline data)", fontsize=10)
+    fig.tight_layout()
+    paths = [f"{out}.png", f"{out}.pdf"]
+    for path in paths:
+        fig.savefig(path, dpi=130)
+    plt.close(fig)
+    res = {"env_id": env_id, "seed": seed, "episodes": episodes, "n_offline": n,
+           "outside": "share of transitions farther from their nearest offline neighbour than the 95th percentile of "
+                      "offline-to-offline nearest-neighbour distances (two disjoint offline samples)",
+           "methods": table}
+    with open(f"{out}.json", "w") as f:
+        json.dump(res, f, indent=2)
+    return {**res, "paths": [*paths, f"{out}.json"]}
 
 
 def log_prob(actor, s, a):
@@ -1033,7 +1137,39 @@ class Aggregate:
         return 0
 
 
-COMMANDS = {"curves": Curves, "aggregate": Aggregate, "diagnose": Diagnose, "behaviours": Behaviours, "sensitivity": Sensitivity,
+@dataclass
+class SideBySide:
+    """The paper's Fig. 1 side by side: for the finished runs under RUNS on one dataset with one seed (one per
+    variant: DAMO, MOPO, MOBILE, ...), offline, synthetic and real (s, a, s' - s) in one shared embedding, a
+    panel per method, and per method the share of real (and synthetic) transitions outside the data: farther
+    from their nearest offline neighbour than the 95th percentile of offline-to-offline distances. Writes
+    PATH.{png,pdf,json} and prints a table."""
+
+    runs: Annotated[tyro.conf.Positional[str], _pos("RUNS", "folder of runs (searched recursively)")]
+    env_id: str = "hopper-medium-expert"
+    """the dataset (the runs' --env-id)"""
+    seed: int = 0
+    """the runs' seed"""
+    episodes: int = 5
+    """real episodes per method"""
+    out: Optional[str] = None
+    """output path without extension (default: RUNS/../side_by_side_ENV_ID)"""
+
+    def run(self) -> int:
+        out = self.out or _beside(self.runs, f"side_by_side_{self.env_id.replace('/', '-')}")
+        runs = _runs_folder(self.runs)
+        _out_dir_writable(out)
+        res = side_by_side(runs, self.env_id, self.seed, out, episodes=self.episodes)
+        print("| method | real transitions outside the data | synthetic outside | real return (deterministic) |")
+        print("|---|---|---|---|")
+        for t in res["methods"]:
+            syn = f"{100 * t['synthetic_outside']:.1f}%" if t["synthetic_outside"] is not None else "(no model)"
+            print(f"| {t['variant']} | {100 * t['real_outside']:.1f}% ({t['n_real']}) | {syn} | {t['real_return_mean']:.1f} |")
+        print(f"\nwrote {', '.join(res['paths'])}", file=sys.stderr)
+        return 0
+
+
+COMMANDS = {"curves": Curves, "aggregate": Aggregate, "side-by-side": SideBySide, "diagnose": Diagnose, "behaviours": Behaviours, "sensitivity": Sensitivity,
             "robustness": Robustness, "data": DataTable}
 
 

@@ -333,6 +333,17 @@ def test_critic_target_with_a_peer_penalty_and_clamp():
     assert info["penalty_synthetic"].item() == pytest.approx(pen[n_real:].mean().item())  # logged
 
 
+def test_outside_share_by_hand():
+    """The threshold is the 95th percentile of the offline-to-offline nearest-neighbour distances; a point is
+    outside when its nearest offline neighbour is farther than that."""
+    import plot
+
+    ref_a = np.arange(20.0)[:, None]            # every point 0.5 from ref_b: the threshold is 0.5
+    ref_b = np.arange(20.0)[:, None] + 0.5
+    share, threshold = plot.outside_share(ref_a, ref_b, np.array([[0.6], [10.0], [30.0], [-3.0]]))
+    assert threshold == pytest.approx(0.5) and share == pytest.approx(0.5)  # 0.1 and 0.0 inside; 10.5 and 3.5 outside
+
+
 def test_peer_settings_per_dataset():
     """--penalty mopo|mobile applies each dataset's published (h, coefficient) and the peers' shared SAC settings
     to every flag not given; a flag given wins; a dataset without published settings needs both values."""
@@ -610,7 +621,7 @@ def test_peer_runs_record_their_settings_and_bad_values_are_refused(minari_root,
     published settings (TINY's explicit --rollout-length 3 kept). An unknown
     penalty, a penalty with --bc, a coefficient without a penalty: exit 2, one line naming the flag, no run."""
     for penalty, coef, backup in (("mopo", 5.0, True), ("mobile", 1.5, False)):
-        p = run_cli(["--env-id", "hopper-medium-expert", "--seed", "0", "--runs-dir", str(tmp_path), "--run-name", penalty,
+        p = run_cli(["--env-id", "hopper-medium-expert", "--seed", "3", "--runs-dir", str(tmp_path), "--run-name", penalty,
                      "--no-download", "--penalty", penalty, "--dynamics-path", str(e2e_run / "dynamics.pt"), *TINY],
                     minari_root)
         assert p.returncode == 0, p.stderr[-3000:]
@@ -619,6 +630,19 @@ def test_peer_runs_record_their_settings_and_bad_values_are_refused(minari_root,
                 cfg["rollout_length"]) == (penalty, coef, backup, 0.0, 0.0, 0.05, 3)
         rows = list(csv.DictReader(open(tmp_path / penalty / "eval.csv")))
         assert len(rows) == 2 and all(math.isfinite(float(r["return_mean"])) for r in rows)
+    # plot.py side-by-side: the three methods (the e2e run is DAMO, seed 3) in one embedding, a panel each
+    copy_run(e2e_run, tmp_path / "damo")
+    q = run_plot(["side-by-side", str(tmp_path), "--env-id", "hopper-medium-expert", "--seed", "3", "--episodes", "2",
+                  "--out", str(tmp_path / "fig1")], minari_root)
+    assert q.returncode == 0, q.stderr[-3000:]
+    res = json.load(open(tmp_path / "fig1.json"))
+    assert [t["variant"] for t in res["methods"]] == ["DAMO (rollout_length=3)", "MOBILE (rollout_length=3)",
+                                                      "MOPO (rollout_length=3)"]
+    for t in res["methods"]:
+        assert 0 <= t["real_outside"] <= 1 and 0 <= t["synthetic_outside"] <= 1 and t["n_real"] > 0
+        assert f"| {t['variant']} | {100 * t['real_outside']:.1f}% ({t['n_real']}) |" in q.stdout
+    assert len({t["threshold"] for t in res["methods"]}) == 1  # one reference for every method
+    assert (tmp_path / "fig1.png").read_bytes()[:4] == b"\x89PNG"
     bad = [["--penalty", "mopa"], ["--penalty", "mopo", "--bc"], ["--penalty-coef", "2"]]
     says = ["--penalty mopa: unknown", "--bc has no critic", "--penalty-coef 2.0 weighs a peer's penalty"]
     for (code, err), must in zip(run_many("damo.py", [[*b, "--runs-dir", str(tmp_path / "no")] for b in bad], minari_root), says):
@@ -1796,12 +1820,13 @@ def test_plot_help_lists_and_documents_every_command(tmp_path):
     command without its argument, or with a value of the wrong type, gets tyro's error and exit status 2."""
     top = run_plot(["--help"], tmp_path)
     assert top.returncode == 0, top.stderr
-    assert "usage: plot.py [-h] {curves,aggregate,diagnose,behaviours,sensitivity,robustness,data}" in top.stdout, top.stdout
+    assert "usage: plot.py [-h] {curves,aggregate,side-by-side,diagnose,behaviours,sensitivity,robustness,data}" in top.stdout, top.stdout
     for command, usage, words in (("diagnose", "RUN", "Monte-Carlo return"), ("data", "ENV_ID GAMMA", "discounted return"),
                                   ("behaviours", "RUN POLICY.npz", "Eq. 7b"),
                                   ("sensitivity", "RUNS SETTING", "last-10 score against"),
                                   ("robustness", "RUNS", "Sensor noise at deployment"),
-                                  ("aggregate", "RUNS", "interquartile mean (IQM)")):
+                                  ("aggregate", "RUNS", "interquartile mean (IQM)"),
+                                  ("side-by-side", "RUNS", "Fig. 1 side by side")):
         res = run_plot([command, "--help"], tmp_path)
         assert res.returncode == 0 and f"usage: plot.py {command} [-h] {usage}" in res.stdout, (command, res.stdout)
         assert words in " ".join(res.stdout.split()) and "error" not in res.stderr, (command, res)
