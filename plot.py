@@ -217,6 +217,18 @@ def plot_curves(runs: list[dict], out: str, kind: str = "std", key: str = "score
 # ----------------------------------------------------------------------------------------------------
 
 
+def save_figure(fig, out: str, payload, dpi: int = 130) -> list[str]:
+    """OUT.png, OUT.pdf and the figure's numbers in OUT.json; returns the three paths."""
+    fig.tight_layout()
+    paths = [f"{out}.png", f"{out}.pdf", f"{out}.json"]
+    for path in paths[:2]:
+        fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    with open(paths[2], "w") as f:
+        json.dump(payload, f, indent=2)
+    return paths
+
+
 def setting_value(run: dict, param: str):
     """The run's value of `param`: a damo.py flag from its config.json, or `action_noise`, the noise of the
     behaviour data (make_dataset.py --action-noise, kept in the dataset's metadata; 0 when absent)."""
@@ -303,14 +315,7 @@ def draw_against(rows: list[dict], param: str, ylabel: str, out: str) -> tuple[l
     axes[0][0].set_ylabel(ylabel)
     for ax in axes[0]:
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    paths = [f"{out}.png", f"{out}.pdf"]
-    for p in paths:
-        fig.savefig(p, dpi=150)
-    plt.close(fig)
-    with open(f"{out}.json", "w") as f:
-        json.dump(table, f, indent=2)
-    return table, [*paths, f"{out}.json"]
+    return table, save_figure(fig, out, table, dpi=150)
 
 
 def robustness(runs: list[dict], noise: list[float], episodes: int, out: str) -> tuple[list[dict], list[str]]:
@@ -584,18 +589,11 @@ def side_by_side(runs: list[dict], env_id: str, seed: int, out: str, n: int = 20
         ax.set_title(f"{variant}: {100 * row['real_outside']:.0f}% of real transitions outside the data", fontsize=9)
         ax.legend(markerscale=4, fontsize=8)
     fig.suptitle(f"{env_id}, seed {seed}: (s, a, s' - s) in one embedding (PCA of the offline data)", fontsize=10)
-    fig.tight_layout()
-    paths = [f"{out}.png", f"{out}.pdf"]
-    for path in paths:
-        fig.savefig(path, dpi=130)
-    plt.close(fig)
     res = {"env_id": env_id, "seed": seed, "episodes": episodes, "n_offline": n,
            "outside": "share of transitions farther from their nearest offline neighbour than the 95th percentile of "
                       "offline-to-offline nearest-neighbour distances (two disjoint offline samples)",
            "methods": table}
-    with open(f"{out}.json", "w") as f:
-        json.dump(res, f, indent=2)
-    return {**res, "paths": [*paths, f"{out}.json"]}
+    return {**res, "paths": save_figure(fig, out, res)}
 
 
 def log_prob(actor, s, a):
@@ -941,14 +939,7 @@ def plot_aggregate(agg: dict, out: str) -> list[str]:
         ax.set_xlim(0, 1)
         ax.set_yticks(range(len(pairs)), [f"P({t['x']} > {t['y']})" for t in pairs])
         ax.set_xlabel("probability of improvement (95% CI)")
-    fig.tight_layout()
-    paths = [f"{out}.png", f"{out}.pdf"]
-    for path in paths:
-        fig.savefig(path, dpi=130)
-    plt.close(fig)
-    with open(f"{out}.json", "w") as f:
-        json.dump(agg, f, indent=2)
-    return [*paths, f"{out}.json"]
+    return save_figure(fig, out, agg)
 
 
 # ----------------------------------------------------------------------------------------------------
