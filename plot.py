@@ -586,7 +586,7 @@ def side_by_side(runs: list[dict], env_id: str, seed: int, out: str, n: int = 20
         if F_syn is not None:
             ax.scatter(*P(F_syn[:4000]).T, s=3, alpha=0.3, color="C1", label="synthetic")
         ax.scatter(*P(F_real[:4000]).T, s=3, alpha=0.4, color="C2", label="real")
-        ax.set_title(f"{variant}: {100 * row['real_outside']:.0f}% of real transitions outside the data", fontsize=9)
+        ax.set_title(f"{variant}: {100 * row['real_outside']:.1f}% of real transitions outside the data", fontsize=9)
         ax.legend(markerscale=4, fontsize=8)
     fig.suptitle(f"{env_id}, seed {seed}: (s, a, s' - s) in one embedding (PCA of the offline data)", fontsize=10)
     res = {"env_id": env_id, "seed": seed, "episodes": episodes, "n_offline": n,
