@@ -568,7 +568,7 @@ def side_by_side(runs: list[dict], env_id: str, seed: int, out: str, n: int = 20
         F_real = feats({"obs": norm(np.stack([x[0] for x in steps])), "act": torch.as_tensor(np.stack([x[1] for x in steps])).float(),
                         "next_obs": norm(np.stack([x[2] for x in steps]))})
         real_out, threshold = outside_share(F_a, F_b, F_real)
-        row = {"variant": variant, "run": r["path"], "real_outside": real_out, "n_real": len(F_real),
+        row = {"variant": variant, "run": os.path.basename(os.path.normpath(r["path"])), "real_outside": real_out, "n_real": len(F_real),
                "real_return_mean": float(np.mean(rets)), "synthetic_outside": None, "threshold": threshold}
         F_syn = None
         if ag.dynamics is not None:  # the run's own model and normalisation (the same data: the same statistics)
