@@ -43,9 +43,8 @@ Map of the file (top to bottom, in the order of the algorithm):
     7. Algorithm 1 fit_dynamics -> train (the loop) -> main
     Appendix       plumbing, not part of DAMO: flag checks, the peers' settings (--penalty), the held-out
                    final score (the one to report), Minari and D4RL files -> flat arrays and a subset of
-                   episodes (limited coverage), the run's
-                   history and folder (logs, eval.csv, results.json), checkpoints and --resume,
-                   --eval-only, --benchmark
+                   episodes (limited coverage), the run's history and folder (logs, eval.csv,
+                   results.json), checkpoints and --resume, --eval-only, --benchmark
 """
 
 from __future__ import annotations
@@ -1110,21 +1109,31 @@ def explicit_flags(argv: list[str]) -> set:
 # without the entropy term. Not reproduced: the actor's cosine learning-rate schedule, and MOBILE's
 # 30-epoch ensemble cap on walker2d-medium (a sweep's ensemble is shared by its variants).
 PEER_COMMON = {"alpha": 0.0, "beta": 0.0, "real_ratio": 0.05, "gamma": 0.99, "tau": 0.005, "alpha_ent_lr": 1e-4}
-PEER_SETTINGS = {
-    "mopo": {"backup_entropy": True, **{d: {"rollout_length": h, "penalty_coef": c} for d, (h, c) in {
-        "halfcheetah-medium": (5, 0.5), "hopper-medium": (5, 5.0), "walker2d-medium": (5, 0.5),
-        "halfcheetah-medium-replay": (5, 0.5), "hopper-medium-replay": (5, 2.5), "walker2d-medium-replay": (1, 2.5),
-        "halfcheetah-medium-expert": (5, 2.5), "hopper-medium-expert": (5, 5.0), "walker2d-medium-expert": (1, 2.5),
-    }.items()}},
-    "mobile": {"backup_entropy": False, **{d: {"rollout_length": h, "penalty_coef": c} for d, (h, c) in {
-        "halfcheetah-medium": (5, 0.5), "hopper-medium": (5, 1.5), "walker2d-medium": (5, 0.5),
-        "halfcheetah-medium-replay": (5, 0.1), "hopper-medium-replay": (5, 0.1), "walker2d-medium-replay": (1, 0.5),
-        "halfcheetah-medium-expert": (5, 1.0), "hopper-medium-expert": (5, 1.5), "walker2d-medium-expert": (1, 1.5),
-    }.items()}},
+PEER_BACKUP_ENTROPY = {"mopo": True, "mobile": False}
+PEER_SETTINGS = {  # penalty -> dataset -> settings
+    "mopo": {
+        "halfcheetah-medium": {"rollout_length": 5, "penalty_coef": 0.5},
+        "hopper-medium": {"rollout_length": 5, "penalty_coef": 5.0},
+        "walker2d-medium": {"rollout_length": 5, "penalty_coef": 0.5},
+        "halfcheetah-medium-replay": {"rollout_length": 5, "penalty_coef": 0.5},
+        "hopper-medium-replay": {"rollout_length": 5, "penalty_coef": 2.5},
+        "walker2d-medium-replay": {"rollout_length": 1, "penalty_coef": 2.5},
+        "halfcheetah-medium-expert": {"rollout_length": 5, "penalty_coef": 2.5},
+        "hopper-medium-expert": {"rollout_length": 5, "penalty_coef": 5.0},
+        "walker2d-medium-expert": {"rollout_length": 1, "penalty_coef": 2.5},
+    },
+    "mobile": {
+        "halfcheetah-medium": {"rollout_length": 5, "penalty_coef": 0.5},
+        "hopper-medium": {"rollout_length": 5, "penalty_coef": 1.5, "alpha_ent_fixed": 0.2},
+        "walker2d-medium": {"rollout_length": 5, "penalty_coef": 0.5},
+        "halfcheetah-medium-replay": {"rollout_length": 5, "penalty_coef": 0.1},
+        "hopper-medium-replay": {"rollout_length": 5, "penalty_coef": 0.1, "alpha_ent_fixed": 0.2},
+        "walker2d-medium-replay": {"rollout_length": 1, "penalty_coef": 0.5},
+        "halfcheetah-medium-expert": {"rollout_length": 5, "penalty_coef": 1.0, "real_ratio": 0.5},
+        "hopper-medium-expert": {"rollout_length": 5, "penalty_coef": 1.5},
+        "walker2d-medium-expert": {"rollout_length": 1, "penalty_coef": 1.5},
+    },
 }
-PEER_SETTINGS["mobile"]["hopper-medium"]["alpha_ent_fixed"] = 0.2
-PEER_SETTINGS["mobile"]["hopper-medium-replay"]["alpha_ent_fixed"] = 0.2
-PEER_SETTINGS["mobile"]["halfcheetah-medium-expert"]["real_ratio"] = 0.5
 
 
 def peer_penalty(ag: Agent, args: Args) -> Optional[Callable]:
@@ -1141,13 +1150,11 @@ def with_peer_settings(args: Args, dataset: str, explicit: set) -> Args:
     """--penalty mopo|mobile: the peer's settings for this dataset in every field not given explicitly."""
     if args.penalty == "none":
         return args
-    table = PEER_SETTINGS[args.penalty]
-    row = table.get(dataset)
+    row = PEER_SETTINGS[args.penalty].get(dataset)
     if row is None and not {"penalty_coef", "rollout_length"} <= explicit:
-        published = sorted(k for k, v in table.items() if isinstance(v, dict))
         raise DamoError(f"--penalty {args.penalty}: no published setting for dataset '{dataset}' (published: "
-                        f"{', '.join(published)}); pass --penalty-coef and --rollout-length")
-    values = {**PEER_COMMON, "backup_entropy": table["backup_entropy"], **(row or {})}
+                        f"{', '.join(sorted(PEER_SETTINGS[args.penalty]))}); pass --penalty-coef and --rollout-length")
+    values = {**PEER_COMMON, "backup_entropy": PEER_BACKUP_ENTROPY[args.penalty], **(row or {})}
     return replace(args, **{k: v for k, v in values.items() if k not in explicit})
 
 

@@ -234,21 +234,13 @@ def test_dynamics_loss_matches_hand_computation():
     x, y = torch.randn(E, B, obs_dim + act_dim), torch.randn(E, B, obs_dim + 1)
     loss, info = damo.dynamics_loss(model, x, y)
 
-    W = [(l.weight.detach().double().numpy(), l.bias.detach().double().numpy()) for l in [*model.layers, model.head]]
+    W = [l.weight.detach().double().numpy() for l in [*model.layers, model.head]]
     hi, lo = model.max_logvar.detach().double().numpy()[0, 0], model.min_logvar.detach().double().numpy()[0, 0]
-    softplus = lambda z: np.log1p(np.exp(-np.abs(z))) + np.maximum(z, 0)  # noqa: E731
     nll = 0.0
-    for e in range(E):
-        h = x[e].double().numpy()
-        for w, b in W[:-1]:
-            z = h @ w[e] + b[e]
-            h = z / (1 + np.exp(-z))  # Swish
-        out = h @ W[-1][0][e] + W[-1][1][e]
-        mu, logvar = out[:, : obs_dim + 1], out[:, obs_dim + 1:]
-        logvar = hi - softplus(hi - logvar)
-        logvar = lo + softplus(logvar - lo)
+    for e in range(E):  # member e on its own batch x[e]
+        mu, logvar = (v[e] for v in _members_by_hand(model, x[e]))
         nll += np.mean((mu - y[e].double().numpy()) ** 2 * np.exp(-logvar) + logvar)
-    decay = sum(wd * 0.5 * (w ** 2).sum() for wd, (w, _) in zip([2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4], W))
+    decay = sum(wd * 0.5 * (w ** 2).sum() for wd, w in zip([2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4], W))
     expected = nll + decay + 0.01 * (hi.sum() - lo.sum())
     assert info["dynamics_nll"].item() == pytest.approx(nll, rel=1e-5)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
