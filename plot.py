@@ -70,6 +70,11 @@ def variant_label(args: dict, family: str = "") -> str:
     return name + (f" ({', '.join(extra)})" if extra else "")
 
 
+def variant_key(label: str) -> tuple:
+    """Tables list DAMO first, then its peers, then BC, then any other variant by name."""
+    return {"DAMO": 0, "MOPO": 1, "MOBILE": 2, "BC": 3}.get(label, 4), label
+
+
 QUALITY_ORDER = {"random": 0, "simple": 0, "medium": 1, "medium-replay": 2, "medium-expert": 3, "expert": 4}
 
 
@@ -875,7 +880,7 @@ def aggregate(runs: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
     if not scores:
         raise damo.DamoError("no run under RUNS has a held-out score (results.json 'heldout'): finished runs record one; "
                              "older runs get theirs with damo.py --eval-only RUN --heldout")
-    variants = sorted(scores)
+    variants = sorted(scores, key=variant_key)
     envs = sorted({e for v in scores.values() for e in v}, key=dataset_key)
     per_dataset = [{"dataset": e, "variant": v, "seeds": len(scores[v][e]), "mean": float(np.mean(scores[v][e])),
                     "std": float(np.std(scores[v][e])), "scores": scores[v][e]}
@@ -886,11 +891,11 @@ def aggregate(runs: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
         lo, hi = stratified_interval(iqm, samples, resamples, seed)
         overall.append({"variant": v, "datasets": len(samples), "runs": int(sum(map(len, samples))),
                         "iqm": iqm(*samples), "low": lo, "high": hi})
-    improvement = []
-    for x in variants:
-        for y in variants:
+    improvement = []  # each pair once, the variant listed first as X (P(Y > X) = 1 - P(X > Y))
+    for i, x in enumerate(variants):
+        for y in variants[i + 1:]:
             shared = [e for e in envs if e in scores[x] and e in scores[y]]
-            if x == y or not shared:
+            if not shared:
                 continue
             xy = [np.asarray(scores[x][e]) for e in shared] + [np.asarray(scores[y][e]) for e in shared]
             lo, hi = stratified_interval(probability_of_improvement, xy, resamples, seed)
@@ -904,9 +909,17 @@ def aggregate_tables(agg: dict) -> str:
     def ci(t):
         return f"[{t['low']:.1f}, {t['high']:.1f}]" if np.isfinite(t["low"]) else "(one seed: no interval)"
 
-    lines = ["| dataset | variant | seeds | held-out score (mean +- std) |", "|---|---|---|---|"]
-    lines += [f"| {t['dataset']} | {t['variant']} | {t['seeds']} | {t['mean']:.1f} +- {t['std']:.1f} |"
-              for t in agg["per_dataset"]]
+    variants = [t["variant"] for t in agg["iqm"]]
+    cells: dict = {}
+    for t in agg["per_dataset"]:
+        cells.setdefault(t["dataset"], {})[t["variant"]] = t
+    lines = ["held-out normalised score, mean +- std over seeds (seeds); bold: the highest mean of the row", "",
+             "| dataset | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    for env, row in cells.items():
+        best = max(t["mean"] for t in row.values()) if len(row) > 1 else None
+        text = {v: f"{t['mean']:.1f} +- {t['std']:.1f} ({t['seeds']})" for v, t in row.items()}
+        lines.append(f"| {env} | " + " | ".join("" if v not in row else f"**{text[v]}**" if row[v]["mean"] == best
+                                                 else text[v] for v in variants) + " |")
     lines += ["", "| variant | datasets | runs | IQM | 95% CI |", "|---|---|---|---|---|"]
     lines += [f"| {t['variant']} | {t['datasets']} | {t['runs']} | {t['iqm']:.1f} | {ci(t)} |" for t in agg["iqm"]]
     if agg["improvement"]:
