@@ -566,8 +566,9 @@ def critic_loss(critic, critic_target, actor, log_alpha_ent, batch: dict, n_real
     s, a, r, s2, d = batch["obs"], batch["act"], batch["rew"], batch["next_obs"], batch["done"]
     alpha_ent = log_alpha_ent.exp().detach()
     with torch.no_grad():
-        pen = penalty(s, a) * (torch.arange(len(s), device=s.device) >= n_real) if penalty else torch.zeros_like(r)
-        r = r - pen  # a peer's (MOPO, MOBILE) penalty coefficient * u(s, a) on synthetic rows; 0 for DAMO
+        # a peer's (MOPO, MOBILE) coefficient * u(s, a), on the synthetic rows only; none for DAMO
+        pen = penalty(s[n_real:], a[n_real:]) if penalty else torch.zeros_like(r[n_real:])
+        r = torch.cat([r[:n_real], r[n_real:] - pen])
         a2, logp2 = actor.sample(s2)
         v2 = critic_target(s2, a2).min(0).values - (alpha_ent * logp2 if backup_entropy else 0.0)
         y = r + gamma * (1.0 - d) * v2  # Eq. 6, [B]
@@ -591,7 +592,7 @@ def critic_loss(critic, critic_target, actor, log_alpha_ent, batch: dict, n_real
     info = {"critic_loss": loss, "td_loss": td, "conservative_gap": conservative / critic.n,
             "q_data": q[:, :n_real].mean(), "target_q": y.mean()}
     if n_real < len(s):
-        info.update(q_synthetic=q[:, n_real:].mean(), penalty_synthetic=pen[n_real:].mean())
+        info.update(q_synthetic=q[:, n_real:].mean(), penalty_synthetic=pen.mean())
     return loss, info
 
 

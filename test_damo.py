@@ -307,15 +307,17 @@ def test_mobile_penalty_matches_hand_computation():
 
 
 def test_critic_target_with_a_peer_penalty_and_clamp():
-    """critic_loss with a penalty: y = r - penalty(s, a) on synthetic rows only (offline rows keep r), then
+    """critic_loss with a penalty: y = r - penalty(s, a) on synthetic rows only (offline rows keep r; the
+    penalty is not even computed there: MOBILE's costs 10 x elites critic calls per row), then
     MOBILE's clamp at 0; here with the deterministic backup (no entropy term), as MOBILE."""
     torch.manual_seed(0)
     critic, actor = damo.CriticEnsemble(4, 2, 16, 2), damo.Actor(4, 2, 16)
     batch, n_real, gamma = _small_batch(), 3, 0.9
-    pen = torch.linspace(0.5, 4.0, 8)
+    pen, seen = torch.linspace(0.5, 4.0, 8), []
     torch.manual_seed(2)
     _, info = damo.critic_loss(critic, critic, actor, torch.tensor(0.0), batch, n_real, None, 0.0, gamma, False,
-                               lambda s, a: pen, 0.0)
+                               lambda s, a: seen.append(s) or pen[n_real:], 0.0)
+    assert len(seen) == 1 and torch.equal(seen[0], batch["obs"][n_real:])  # computed on the synthetic rows only
     torch.manual_seed(2)
     a2, _ = actor.sample(batch["next_obs"])
     with torch.no_grad():
