@@ -870,10 +870,12 @@ def aggregate(runs: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
     import damo
 
     scores: dict = {}
+    last10: dict = {}  # beside it in the JSON: the same runs' last-10 of the training evaluations
     missing = [r["path"] for r in runs if r["finished"] and not r["heldout"]]
     for r in runs:
         if r["heldout"]:
             scores.setdefault(r["variant"], {}).setdefault(r["env_id"], []).append(r["heldout"]["normalized_score"])
+            last10.setdefault((r["variant"], r["env_id"]), []).append(float(r["score"][-10:].mean()))
     if missing:
         print(f"warning: {len(missing)} finished runs have no held-out score and are left out (damo.py --eval-only "
               f"RUN --heldout records it), e.g. {missing[0]}", file=sys.stderr)
@@ -883,7 +885,7 @@ def aggregate(runs: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
     variants = sorted(scores, key=variant_key)
     envs = sorted({e for v in scores.values() for e in v}, key=dataset_key)
     per_dataset = [{"dataset": e, "variant": v, "seeds": len(scores[v][e]), "mean": float(np.mean(scores[v][e])),
-                    "std": float(np.std(scores[v][e])), "scores": scores[v][e]}
+                    "std": float(np.std(scores[v][e])), "scores": scores[v][e], "last10": last10[v, e]}
                    for e in envs for v in variants if e in scores[v]]
     overall = []
     for v in variants:

@@ -1224,6 +1224,7 @@ def test_plot_aggregate_from_run_folders(tmp_path):
     assert (f"| hopper-medium | {np.mean(y):.1f} +- {np.std(y):.1f} (4) | **{np.mean(x):.1f} +- {np.std(x):.1f} (4)** |"
             in p.stdout), p.stdout
     agg = json.load(open(tmp_path / "agg.json"))
+    assert agg["per_dataset"][0]["last10"] == [1.0] * 4  # the training evaluations' last-10 beside (eval.csv: 1)
     assert [t["variant"] for t in agg["iqm"]] == ["DAMO", "BC"] and (tmp_path / "agg.png").read_bytes()[:4] == b"\x89PNG"
     bad = run_plot(["aggregate", str(runs), "--resamples", "10"], tmp_path)
     error_line(bad.returncode, bad.stderr, "--resamples 10")
