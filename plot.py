@@ -887,9 +887,17 @@ def aggregate(runs: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
     per_dataset = [{"dataset": e, "variant": v, "seeds": len(scores[v][e]), "mean": float(np.mean(scores[v][e])),
                     "std": float(np.std(scores[v][e])), "scores": scores[v][e], "last10": last10[v, e]}
                    for e in envs for v in variants if e in scores[v]]
+    # the IQMs compare variants only on the datasets every variant has: a variant with more (or easier)
+    # datasets would otherwise rank on those
+    common = [e for e in envs if all(e in scores[v] for v in variants)]
+    left = [e for e in envs if e not in common]
+    if left:
+        print(f"warning: the IQMs leave out {', '.join(left)} (not run by every variant)" if common else
+              "warning: no dataset was run by every variant: each IQM is over that variant's own datasets, "
+              "which do not compare", file=sys.stderr)
     overall = []
     for v in variants:
-        samples = [np.asarray(scores[v][e]) for e in envs if e in scores[v]]
+        samples = [np.asarray(scores[v][e]) for e in (common or envs) if e in scores[v]]
         lo, hi = stratified_interval(iqm, samples, resamples, seed)
         overall.append({"variant": v, "datasets": len(samples), "runs": int(sum(map(len, samples))),
                         "iqm": iqm(*samples), "low": lo, "high": hi})

@@ -1209,6 +1209,12 @@ def test_plot_aggregate_from_run_folders(tmp_path):
                 (d / "eval.csv").write_text("global_step,epoch,return_mean,return_std,normalized_score,"
                                             "normalized_score_std,wall_time_s\n1000,1,1,0,1,0,1\n")
                 (d / "results.json").write_text(json.dumps({"heldout": {"normalized_score": score, "episodes": 100}}))
+    extra = runs / "hopper-medium-replay__bc__0"  # a dataset only BC has: in its row, not in the IQMs
+    shutil.copytree(runs / "hopper-medium__bc__0", extra)
+    (extra / "results.json").write_text(json.dumps({"heldout": {"normalized_score": 99.0, "episodes": 100}}))
+    cfg = json.loads((extra / "config.json").read_text())
+    cfg["args"]["env_id"] = "hopper-medium-replay"
+    (extra / "config.json").write_text(json.dumps(cfg))
     old = runs / "hopper-medium__damo__9"  # finished before held-out scores existed
     shutil.copytree(runs / "hopper-medium__damo__0", old)
     (old / "results.json").write_text("{}")
@@ -1220,6 +1226,7 @@ def test_plot_aggregate_from_run_folders(tmp_path):
     assert f"| BC | 3 | 12 | {plot.iqm(*X):.1f} | [{lo:.1f}, {hi:.1f}] |" in p.stdout, p.stdout
     assert f"| {plot.probability_of_improvement(*Y, *X):.2f} | DAMO | BC | 3 |" in p.stdout
     assert "| BC | DAMO |" not in p.stdout  # each pair once, DAMO first
+    assert "| hopper-medium-replay |  | 99.0 +- 0.0 (1) |" in p.stdout and "leave out hopper-medium-replay" in p.stderr
     x, y = AGG_X["hopper-medium"], AGG_Y["hopper-medium"]  # one row per dataset, a column per variant
     assert (f"| hopper-medium | {np.mean(y):.1f} +- {np.std(y):.1f} (4) | **{np.mean(x):.1f} +- {np.std(x):.1f} (4)** |"
             in p.stdout), p.stdout
