@@ -952,6 +952,7 @@ def plot_aggregate(agg: dict, out: str) -> list[str]:
         ax.plot(t["iqm"], i, "|", ms=16, mew=2, color=f"C{i}")
     ax.set_yticks(range(len(rows)), [f"{t['variant']} ({t['datasets']} datasets)" for t in rows])
     ax.set_xlabel("IQM of held-out normalised score (95% stratified bootstrap CI)")
+    ax.invert_yaxis()  # the tables' order, top to bottom
     if pairs:
         ax = axes[0, 1]
         for i, t in enumerate(pairs):
@@ -962,6 +963,7 @@ def plot_aggregate(agg: dict, out: str) -> list[str]:
         ax.set_xlim(0, 1)
         ax.set_yticks(range(len(pairs)), [f"P({t['x']} > {t['y']})" for t in pairs])
         ax.set_xlabel("probability of improvement (95% CI)")
+        ax.invert_yaxis()
     return save_figure(fig, out, agg)
 
 
