@@ -1026,8 +1026,8 @@ class Curves:
 @dataclass
 class Diagnose:
     """The paper's Figs. 1, 3b and 4 for one trained run (its checkpoint.pt): offline, synthetic and real
-    (s, a, s' - s) embedded by PCA, Q(s0, pi(s0)) against the Monte-Carlo return of 5 real episodes, the
-    classifier's P(offline) on each set, which source dataset's states the policy visits, and the return
+    (s, a, s' - s) embedded by PCA, Q(s0, a0) against the return the critic estimates (the soft discounted
+    return, with the reward it was trained on, of 5 real episodes of its sampling policy), the classifier's P(offline) on each set, which source dataset's states the policy visits, and the return
     when the critic picks each action. Writes RUN/diagnostics.{png,pdf,json}."""
 
     run_dir: Annotated[tyro.conf.Positional[str], _pos("RUN", "a DAMO run folder (or its checkpoint.pt)")]
