@@ -1138,6 +1138,10 @@ class Aggregate:
     """seed of the bootstrap"""
     out: Optional[str] = None
     """output path without extension (default: RUNS/../aggregate)"""
+    variants: tuple[str, ...] = ()
+    """only these variants, named as the tables name them (e.g. DAMO BC; any case); default: every variant.
+    The IQMs are over the datasets every listed variant has, so an ablation or a peer run on fewer datasets
+    in the same folder is left out by listing the others"""
 
     def run(self) -> int:
         import damo
@@ -1146,6 +1150,13 @@ class Aggregate:
             raise damo.DamoError(f"--resamples {self.resamples}: pass at least 100 (the field uses 2,000 or more)")
         out = self.out or _beside(self.runs, "aggregate")
         runs = _runs_folder(self.runs)
+        if self.variants:
+            found = sorted({r["variant"] for r in runs}, key=variant_key)
+            unknown = [v for v in self.variants if v.lower() not in {f.lower() for f in found}]
+            if unknown:
+                raise damo.DamoError(f"--variants {' '.join(unknown)}: no run under {self.runs} is of that variant; "
+                                     f"its runs' variants are: {', '.join(found) or 'none'}")
+            runs = [r for r in runs if r["variant"].lower() in {v.lower() for v in self.variants}]
         _out_dir_writable(out)
         agg = aggregate(runs, self.resamples, self.seed)
         print(aggregate_tables(agg))

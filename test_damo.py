@@ -1235,6 +1235,14 @@ def test_plot_aggregate_from_run_folders(tmp_path):
     assert [t["variant"] for t in agg["iqm"]] == ["DAMO", "BC"] and (tmp_path / "agg.png").read_bytes()[:4] == b"\x89PNG"
     bad = run_plot(["aggregate", str(runs), "--resamples", "10"], tmp_path)
     error_line(bad.returncode, bad.stderr, "--resamples 10")
+    # --variants keeps the listed ones: BC alone ranks on all four of its datasets (hopper-medium-replay too)
+    one = run_plot(["aggregate", str(runs), "--out", str(tmp_path / "bc"), "--resamples", "500", "--variants", "bc"],
+                   tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "| BC | 4 | 13 |" in one.stdout and "DAMO" not in one.stdout and "leave out" not in one.stderr
+    bad = run_plot(["aggregate", str(runs), "--variants", "DAMO", "MOBILE"], tmp_path)
+    error_line(bad.returncode, bad.stderr, "--variants MOBILE")
+    assert "DAMO, BC" in bad.stderr
 
 
 def test_plot_diagnose_writes_figure_and_finite_json(minari_root, e2e_run, tmp_path):
