@@ -176,6 +176,8 @@ class Args:
     """MOBILE: next states drawn from each elite to estimate the Bellman target's spread (MOBILE default)"""
     alpha_ent_fixed: Optional[float] = None
     """a fixed entropy temperature instead of Eq. 8's tuning (MOBILE's 0.2 on hopper-medium and -medium-replay)"""
+    actor_lr_schedule: str = "constant"
+    """the actor's learning rate over the run: constant (DAMO) or cosine, annealed to 0 over the epochs, one step per epoch (the peers' code; their default with --penalty)"""
     hidden: int = 256
     """width of the actor's and critics' two hidden layers (SAC default)"""
 
@@ -236,16 +238,14 @@ class Args:
     """CPU threads for torch (1: several 1-thread runs side by side use the cores best; docs/speed.md)"""
 
 
-# Per-environment and per-dataset coefficients [ours]. alpha is the coefficient the paper itself tunes
-# per dataset (its Fig. 5); COMBO's conservative weights differ the same way (5 on hopper, 0.5 on
-# halfcheetah). gamma and tau set how far ahead the critic sees within the budget: on hopper the
-# behaviours differ in when they fall, hundreds of steps ahead, which gamma 0.99 weighs at a few
-# percent and a target at SAC's rate 0.005 carries back only slowly; gamma 0.995 with tau 0.02 keeps
-# the gait that stays up (docs/evidence.md, "Hopper"). Every equation is the same on every dataset. A
-# dataset's row overrides its environment's row field by field; the fields are None until the dataset
-# is known; a value given on the command line or from Python is kept; config.json records the values
-# a run used; another environment family gets hopper's. The measurements behind each value:
-# docs/evidence.md.
+# Per-environment and per-dataset coefficients [ours]. alpha is the coefficient the paper itself tunes per
+# dataset (its Fig. 5); COMBO's conservative weights differ the same way (5 on hopper, 0.5 on halfcheetah).
+# gamma and tau set how far ahead the critic sees within the budget: on hopper the behaviours differ in when
+# they fall, hundreds of steps ahead, which gamma 0.99 weighs at a few percent and a target at SAC's rate
+# 0.005 carries back only slowly; gamma 0.995 with tau 0.02 keeps the gait that stays up (docs/evidence.md,
+# "Hopper"). Every equation is the same on every dataset. A dataset's row overrides its environment's row
+# field by field; the fields are None until the dataset is known; a value given on the command line or from
+# Python is kept; config.json records the values a run used; another environment family gets hopper's.
 ENV_DEFAULTS = {
     "hopper": {"alpha": 5.0, "gamma": 0.995, "tau": 0.02},
     "walker2d": {"alpha": 5.0, "gamma": 0.99, "tau": 0.005},
@@ -917,6 +917,7 @@ def train(args: Args, ag: Agent, data: Data, synthetic: Optional[SyntheticBuffer
             synthetic.add(roll)
             hist.rollout(roll, time.time() - t0)
             t0 = time.time()
+        set_actor_lr(ag, args, global_step)  # constant for DAMO; the peers' cosine schedule (appendix)
         # --- discriminator, critics, actor, temperature, target critics (Eqs. 3-8) ---
         info = bc_update(ag, D, args) if synthetic is None else damo_update(ag, D, synthetic, args)
         hist.timings["update_s"] += time.time() - t0
@@ -1042,6 +1043,8 @@ def check_args(args: "Args"):
     if args.data_episodes is not None and args.data_fraction != 1.0:
         raise DamoError(f"--data-episodes {args.data_episodes} and --data-fraction {args.data_fraction} both choose the "
                         f"subset; pass one of them")
+    if args.actor_lr_schedule not in ("constant", "cosine"):
+        raise DamoError(f"--actor-lr-schedule {args.actor_lr_schedule}: unknown; pass constant or cosine")
     if args.penalty not in ("none", "mopo", "mobile"):
         raise DamoError(f"--penalty {args.penalty}: unknown; pass mopo, mobile or none")
     if args.penalty != "none" and args.bc:
@@ -1106,10 +1109,11 @@ def explicit_flags(argv: list[str]) -> set:
 
 # Per dataset (h, coefficient) as the peers' public code runs them (OfflineRL-Kit's MOPO comments,
 # MOBILE's official configs; docs/peers.md), and the SAC settings both use: DAMO's alignments off
-# (alpha 0, beta 0), real ratio 0.05, gamma 0.99, tau 0.005, temperature rate 1e-4; MOBILE backs up
-# without the entropy term. Not reproduced: the actor's cosine learning-rate schedule, and MOBILE's
-# 30-epoch ensemble cap on walker2d-medium (a sweep's ensemble is shared by its variants).
-PEER_COMMON = {"alpha": 0.0, "beta": 0.0, "real_ratio": 0.05, "gamma": 0.99, "tau": 0.005, "alpha_ent_lr": 1e-4}
+# (alpha 0, beta 0), real ratio 0.05, gamma 0.99, tau 0.005, temperature rate 1e-4, the actor's rate annealed
+# by a cosine over the epochs; MOBILE backs up without the entropy term. Not reproduced: MOBILE's 30-epoch
+# ensemble cap on walker2d-medium (a sweep's ensemble is shared by its variants).
+PEER_COMMON = {"alpha": 0.0, "beta": 0.0, "real_ratio": 0.05, "gamma": 0.99, "tau": 0.005, "alpha_ent_lr": 1e-4,
+               "actor_lr_schedule": "cosine"}
 PEER_BACKUP_ENTROPY = {"mopo": True, "mobile": False}
 PEER_SETTINGS = {  # penalty -> dataset -> settings
     "mopo": {
@@ -1145,6 +1149,15 @@ def peer_penalty(ag: Agent, args: Args) -> Optional[Callable]:
         return lambda s, a: args.penalty_coef * mobile_penalty(ag.dynamics, ag.critic_target, ag.actor, s, a,
                                                                args.penalty_samples)
     return None
+
+
+def set_actor_lr(ag: Agent, args: Args, step: int):
+    """--actor-lr-schedule cosine: at the first step of epoch e (from 0) of E, the actor's rate is
+    actor_lr * (1 + cos(pi * e / E)) / 2, as the peers' code steps torch's CosineAnnealingLR(T_max=E) once per
+    epoch. It depends on the step alone, so --resume continues it (with the new E if --epochs grew)."""
+    if args.actor_lr_schedule == "cosine" and (step - 1) % args.steps_per_epoch == 0:
+        epoch = (step - 1) // args.steps_per_epoch
+        ag.actor_opt.param_groups[0]["lr"] = args.actor_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))
 
 
 def with_peer_settings(args: Args, dataset: str, explicit: set) -> Args:

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import gymnasium as gym
@@ -347,7 +348,8 @@ def test_peer_settings_per_dataset():
 
     a = resolved("mopo", "hopper-medium-expert")
     assert (a.rollout_length, a.penalty_coef, a.alpha, a.beta, a.real_ratio, a.gamma, a.tau, a.alpha_ent_lr,
-            a.backup_entropy, a.alpha_ent_fixed) == (5, 5.0, 0.0, 0.0, 0.05, 0.99, 0.005, 1e-4, True, None)
+            a.backup_entropy, a.alpha_ent_fixed, a.actor_lr_schedule) == (5, 5.0, 0.0, 0.0, 0.05, 0.99, 0.005, 1e-4,
+                                                                          True, None, "cosine")
     assert (resolved("mopo", "walker2d-medium-replay").rollout_length, resolved("mopo", "walker2d-medium-replay").penalty_coef) == (1, 2.5)
     m = resolved("mobile", "hopper-medium")
     assert (m.penalty_coef, m.alpha_ent_fixed, m.backup_entropy, m.rollout_length) == (1.5, 0.2, False, 5)
@@ -356,6 +358,8 @@ def test_peer_settings_per_dataset():
     assert resolved("mobile", "hopper-medium-expert").alpha_ent_fixed is None
     assert resolved("mopo", "hopper-medium", {"penalty_coef"}, penalty_coef=3.0).penalty_coef == 3.0  # given wins
     assert resolved("none", "hopper-medium").alpha == 5.0  # DAMO untouched
+    assert resolved("none", "hopper-medium").actor_lr_schedule == "constant"
+    assert resolved("mobile", "hopper-medium", {"actor_lr_schedule"}).actor_lr_schedule == "constant"  # given wins
     with pytest.raises(damo.DamoError, match="no published setting for dataset 'hopper-expert'"):
         resolved("mopo", "hopper-expert")
     ok = resolved("mopo", "hopper-expert", {"penalty_coef", "rollout_length"}, penalty_coef=1.0, rollout_length=3)
@@ -365,6 +369,27 @@ def test_peer_settings_per_dataset():
     runs, _, _ = sweep.plan(sweep.SweepArgs(env_ids=["hopper-medium-expert"], seeds=[0], variants=["mopo", "mobile"],
                                             sweep_dir="unused"), ["--epochs", "2"])
     assert [r["argv"][2:4] for r in runs] == [["--penalty", "mopo"], ["--penalty", "mobile"]]
+
+
+def test_cosine_actor_lr_follows_torch_per_epoch_schedule():
+    """--actor-lr-schedule cosine sets, at each epoch's first step, the rate torch's CosineAnnealingLR(T_max=E)
+    gives when stepped once per epoch (the peers' code), holds it within the epoch, and ends near 0;
+    constant leaves the rate alone."""
+    args = damo.Args(bc=True, epochs=6, steps_per_epoch=10, actor_lr=3e-4, actor_lr_schedule="cosine")
+    ag, ref = damo.make_agent(3, 2, args, "cpu"), damo.make_agent(3, 2, args, "cpu")
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(ref.actor_opt, T_max=args.epochs)
+    seen = []
+    for step in range(1, args.epochs * args.steps_per_epoch + 1):
+        damo.set_actor_lr(ag, args, step)
+        seen.append(ag.actor_opt.param_groups[0]["lr"])
+        if step % args.steps_per_epoch == 0:
+            assert len(set(seen[-args.steps_per_epoch:])) == 1  # one rate per epoch
+            assert seen[-1] == pytest.approx(ref.actor_opt.param_groups[0]["lr"], rel=1e-9)
+            sched.step()
+    assert seen[0] == 3e-4 and seen[-1] == pytest.approx(3e-4 * (1 + math.cos(math.pi * 5 / 6)) / 2) and seen[-1] < 0.07 * 3e-4
+    flat = damo.make_agent(3, 2, replace(args, actor_lr_schedule="constant"), "cpu")
+    damo.set_actor_lr(flat, replace(args, actor_lr_schedule="constant"), 31)
+    assert flat.actor_opt.param_groups[0]["lr"] == 3e-4
 
 
 def test_discriminator_loss_matches_hand_computation():
@@ -624,6 +649,9 @@ def test_peer_runs_record_their_settings_and_bad_values_are_refused(minari_root,
                 cfg["rollout_length"]) == (penalty, coef, backup, 0.0, 0.0, 0.05, 3)
         rows = list(csv.DictReader(open(tmp_path / penalty / "eval.csv")))
         assert len(rows) == 2 and all(math.isfinite(float(r["return_mean"])) for r in rows)
+        # the peers' cosine schedule ran: the second (last) of 2 epochs trained at half the actor's rate
+        opt = torch.load(tmp_path / penalty / "checkpoint.pt", weights_only=False)["optimizers"]["actor"]
+        assert cfg["actor_lr_schedule"] == "cosine" and opt["param_groups"][0]["lr"] == pytest.approx(cfg["actor_lr"] / 2)
     # plot.py side-by-side: the three methods (the e2e run is DAMO, seed 3) in one embedding, a panel each
     copy_run(e2e_run, tmp_path / "damo")
     q = run_plot(["side-by-side", str(tmp_path), "--env-id", "hopper-medium-expert", "--seed", "3", "--episodes", "2",
@@ -637,8 +665,9 @@ def test_peer_runs_record_their_settings_and_bad_values_are_refused(minari_root,
         assert f"| {t['variant']} | {100 * t['real_outside']:.1f}% ({t['n_real']}) |" in q.stdout
     assert len({t["threshold"] for t in res["methods"]}) == 1  # one reference for every method
     assert (tmp_path / "fig1.png").read_bytes()[:4] == b"\x89PNG"
-    bad = [["--penalty", "mopa"], ["--penalty", "mopo", "--bc"], ["--penalty-coef", "2"]]
-    says = ["--penalty mopa: unknown", "--bc has no critic", "--penalty-coef 2.0 weighs a peer's penalty"]
+    bad = [["--penalty", "mopa"], ["--penalty", "mopo", "--bc"], ["--penalty-coef", "2"], ["--actor-lr-schedule", "linear"]]
+    says = ["--penalty mopa: unknown", "--bc has no critic", "--penalty-coef 2.0 weighs a peer's penalty",
+            "--actor-lr-schedule linear: unknown"]
     for (code, err), must in zip(run_many("damo.py", [[*b, "--runs-dir", str(tmp_path / "no")] for b in bad], minari_root), says):
         error_line(code, err, must)
     assert not (tmp_path / "no").exists()
@@ -1278,7 +1307,6 @@ def test_fair_overestimation_target_by_hand(minari_root, e2e_run):
     """plot.critic_target_return: the sampled episodes' discounted sum of r + beta clip(logit D) - alpha_ent log pi
     (no entropy term for a0), by hand for each episode; with --no-backup-entropy and --beta 0 it is the plain
     discounted return of the same episodes."""
-    from dataclasses import replace
 
     import plot
 
