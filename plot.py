@@ -31,7 +31,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, replace
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal, Optional, Sequence
 
 import matplotlib
 
@@ -524,29 +524,30 @@ def outside_share(ref_a: np.ndarray, ref_b: np.ndarray, x: np.ndarray, q: float 
     return float(np.mean(nn_dist(x, ref_b) > threshold)), threshold
 
 
-def side_by_side(runs: list[dict], env_id: str, seed: int, out: str, n: int = 2000, episodes: int = 5) -> dict:
-    """The paper's Fig. 1 for several methods at once: for each variant's run on `env_id` with `seed`, offline,
+def side_by_side(runs: list[dict], env_id: str, seeds: Sequence[int], out: str, n: int = 2000, episodes: int = 5) -> dict:
+    """The paper's Fig. 1 for several methods at once: for each variant's runs on `env_id` with `seeds`, offline,
     synthetic (its policy rolled in its own model from the same offline states) and real (its deterministic
     policy in the real env, the run's own evaluation seeds) transitions (s, a, s' - s), in one embedding
     (PCA fitted on the offline sample, observations normalised with the data's statistics), a panel per
-    method; per method, the share of real and of synthetic transitions outside the data (outside_share)."""
+    method (its run of the first seed it has); per run and per method (mean and std over its seeds), the
+    share of real and of synthetic transitions outside the data (outside_share), one threshold for all."""
     import gymnasium as gym
     import torch
 
     import damo
 
-    chosen = {}
+    chosen: dict = {}  # variant -> seed -> run
     for r in runs:
-        if r["env_id"] == env_id and r["seed"] == seed and r["finished"]:
-            chosen.setdefault(r["variant"], r)
+        if r["env_id"] == env_id and r["seed"] in seeds and r["finished"]:
+            chosen.setdefault(r["variant"], {}).setdefault(r["seed"], r)
     if not chosen:
-        raise damo.DamoError(f"no finished run of {env_id} with seed {seed} under the runs folder")
-    first = damo.saved_args(damo.load_agent(next(iter(chosen.values()))["path"])[1])
+        raise damo.DamoError(f"no finished run of {env_id} with seed {' or '.join(map(str, seeds))} under the runs folder")
+    first = damo.saved_args(damo.load_agent(next(iter(next(iter(chosen.values())).values()))["path"])[1])
     data, info, env = damo.load_offline(replace(first, download=False))
     mean = torch.as_tensor(data["observations"].mean(0))
     std = torch.as_tensor(data["observations"].std(0)).clamp_min(1e-3)  # prepare_data's statistics
     norm = lambda x: (torch.as_tensor(x, dtype=torch.float32) - mean) / std  # noqa: E731
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seeds[0])
     rows = rng.choice(len(data["rewards"]), 3 * n, replace=False)  # the sample shown, and two to set the threshold
     def offline_of(i):
         return {"obs": norm(data["observations"][i]), "act": torch.as_tensor(data["actions"][i]),
@@ -561,9 +562,9 @@ def side_by_side(runs: list[dict], env_id: str, seed: int, out: str, n: int = 20
     _, _, vt = np.linalg.svd(F_off - mu, full_matrices=False)
     P = lambda f: (f - mu) @ vt[:2].T  # noqa: E731
     term_fn = damo.termination_fn_for(info["env_family"], data)
-    table, panels = [], []
-    for variant, r in sorted(chosen.items()):
-        torch.manual_seed(seed)
+
+    def one_run(variant, r):
+        torch.manual_seed(r["seed"])
         ag, ck = damo.load_agent(r["path"])
         a = damo.saved_args(ck)
         rec = []
@@ -573,8 +574,9 @@ def side_by_side(runs: list[dict], env_id: str, seed: int, out: str, n: int = 20
         F_real = feats({"obs": norm(np.stack([x[0] for x in steps])), "act": torch.as_tensor(np.stack([x[1] for x in steps])).float(),
                         "next_obs": norm(np.stack([x[2] for x in steps]))})
         real_out, threshold = outside_share(F_a, F_b, F_real)
-        row = {"variant": variant, "run": os.path.basename(os.path.normpath(r["path"])), "real_outside": real_out, "n_real": len(F_real),
-               "real_return_mean": float(np.mean(rets)), "synthetic_outside": None, "threshold": threshold}
+        row = {"variant": variant, "seed": r["seed"], "run": os.path.basename(os.path.normpath(r["path"])),
+               "real_outside": real_out, "n_real": len(F_real), "real_return_mean": float(np.mean(rets)),
+               "synthetic_outside": None, "threshold": threshold}
         F_syn = None
         if ag.dynamics is not None:  # the run's own model and normalisation (the same data: the same statistics)
             with torch.no_grad():
@@ -583,21 +585,34 @@ def side_by_side(runs: list[dict], env_id: str, seed: int, out: str, n: int = 20
             raw = lambda z: z * ck["obs_std"] + ck["obs_mean"]  # noqa: E731
             F_syn = feats({"obs": norm(raw(syn["obs"])), "act": syn["act"], "next_obs": norm(raw(syn["next_obs"]))})
             row["synthetic_outside"] = outside_share(F_a, F_b, F_syn[:4000])[0]
-        table.append(row)
-        panels.append((variant, F_syn, F_real))
+        return row, F_syn, F_real
+
+    per_run, table, panels = [], [], []
+    for variant, by_seed in sorted(chosen.items()):
+        mine = [one_run(variant, by_seed[s]) for s in seeds if s in by_seed]
+        rs = [row for row, _, _ in mine]
+        per_run += rs
+        real, syn = [row["real_outside"] for row in rs], [row["synthetic_outside"] for row in rs if row["synthetic_outside"] is not None]
+        table.append({"variant": variant, "seeds": [row["seed"] for row in rs], "n_real": sum(row["n_real"] for row in rs),
+                      "real_outside": float(np.mean(real)), "real_outside_std": float(np.std(real)),
+                      "synthetic_outside": float(np.mean(syn)) if syn else None,
+                      "synthetic_outside_std": float(np.std(syn)) if syn else None,
+                      "real_return_mean": float(np.mean([row["real_return_mean"] for row in rs])), "threshold": rs[0]["threshold"]})
+        panels.append(mine[0])
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.4), squeeze=False, sharex=True, sharey=True)
-    for ax, (variant, F_syn, F_real), row in zip(axes[0], panels, table):
+    for ax, (row, F_syn, F_real) in zip(axes[0], panels):
         ax.scatter(*P(F_off).T, s=3, alpha=0.3, color="0.6", label="offline")
         if F_syn is not None:
             ax.scatter(*P(F_syn[:4000]).T, s=3, alpha=0.3, color="C1", label="synthetic")
         ax.scatter(*P(F_real[:4000]).T, s=3, alpha=0.4, color="C2", label="real")
-        ax.set_title(f"{variant}: {100 * row['real_outside']:.1f}% of real transitions outside the data", fontsize=9)
+        ax.set_title(f"{row['variant']}, seed {row['seed']}: {100 * row['real_outside']:.1f}% of real transitions "
+                     "outside the data", fontsize=9)
         ax.legend(markerscale=4, fontsize=8)
-    fig.suptitle(f"{env_id}, seed {seed}: (s, a, s' - s) in one embedding (PCA of the offline data)", fontsize=10)
-    res = {"env_id": env_id, "seed": seed, "episodes": episodes, "n_offline": n,
+    fig.suptitle(f"{env_id}: (s, a, s' - s) in one embedding (PCA of the offline data)", fontsize=10)
+    res = {"env_id": env_id, "seeds": list(seeds), "episodes": episodes, "n_offline": n,
            "outside": "share of transitions farther from their nearest offline neighbour than the 95th percentile of "
                       "offline-to-offline nearest-neighbour distances (two disjoint offline samples)",
-           "methods": table}
+           "methods": table, "runs": per_run}
     return {**res, "paths": save_figure(fig, out, res)}
 
 
@@ -1166,8 +1181,8 @@ class Aggregate:
 
 @dataclass
 class SideBySide:
-    """The paper's Fig. 1 side by side: for the finished runs under RUNS on one dataset with one seed (one per
-    variant: DAMO, MOPO, MOBILE, ...), offline, synthetic and real (s, a, s' - s) in one shared embedding, a
+    """The paper's Fig. 1 side by side: for the finished runs under RUNS on one dataset with the given seeds (of
+    each variant: DAMO, MOPO, MOBILE, ...), offline, synthetic and real (s, a, s' - s) in one shared embedding, a
     panel per method, and per method the share of real (and synthetic) transitions outside the data: farther
     from their nearest offline neighbour than the 95th percentile of offline-to-offline distances. Writes
     PATH.{png,pdf,json} and prints a table."""
@@ -1175,10 +1190,10 @@ class SideBySide:
     runs: Annotated[tyro.conf.Positional[str], _pos("RUNS", "folder of runs (searched recursively)")]
     env_id: str = "hopper-medium-expert"
     """the dataset (the runs' --env-id)"""
-    seed: int = 0
-    """the runs' seed"""
+    seeds: tuple[int, ...] = (0,)
+    """the runs' seeds: each method's numbers are the mean (and std) over those it has; its panel shows the first"""
     episodes: int = 5
-    """real episodes per method"""
+    """real episodes per run"""
     out: Optional[str] = None
     """output path without extension (default: RUNS/../side_by_side_ENV_ID)"""
 
@@ -1186,12 +1201,17 @@ class SideBySide:
         out = self.out or _beside(self.runs, f"side_by_side_{self.env_id.replace('/', '-')}")
         runs = _runs_folder(self.runs)
         _out_dir_writable(out)
-        res = side_by_side(runs, self.env_id, self.seed, out, episodes=self.episodes)
-        print("| method | real transitions outside the data | synthetic outside | real return (deterministic) |")
-        print("|---|---|---|---|")
+        res = side_by_side(runs, self.env_id, self.seeds, out, episodes=self.episodes)
+        def pct(t, key):  # a share, with its std over seeds when there are several
+            if t[key] is None:
+                return "(no model)"
+            return f"{100 * t[key]:.1f}%" + (f" +- {100 * t[key + '_std']:.1f}" if len(t["seeds"]) > 1 else "")
+
+        print("| method | seeds | real transitions outside the data (transitions) | synthetic outside | real return (deterministic) |")
+        print("|---|---|---|---|---|")
         for t in res["methods"]:
-            syn = f"{100 * t['synthetic_outside']:.1f}%" if t["synthetic_outside"] is not None else "(no model)"
-            print(f"| {t['variant']} | {100 * t['real_outside']:.1f}% ({t['n_real']}) | {syn} | {t['real_return_mean']:.1f} |")
+            print(f"| {t['variant']} | {', '.join(map(str, t['seeds']))} | {pct(t, 'real_outside')} ({t['n_real']}) | "
+                  f"{pct(t, 'synthetic_outside')} | {t['real_return_mean']:.1f} |")
         print(f"\nwrote {', '.join(res['paths'])}", file=sys.stderr)
         return 0
 

@@ -652,18 +652,32 @@ def test_peer_runs_record_their_settings_and_bad_values_are_refused(minari_root,
         # the peers' cosine schedule ran: the second (last) of 2 epochs trained at half the actor's rate
         opt = torch.load(tmp_path / penalty / "checkpoint.pt", weights_only=False)["optimizers"]["actor"]
         assert cfg["actor_lr_schedule"] == "cosine" and opt["param_groups"][0]["lr"] == pytest.approx(cfg["actor_lr"] / 2)
-    # plot.py side-by-side: the three methods (the e2e run is DAMO, seed 3) in one embedding, a panel each
+    # plot.py side-by-side: the three methods (the e2e run is DAMO, seed 3) in one embedding, a panel each;
+    # DAMO has a second seed (the same networks evaluated from seed 4's start states): its numbers are the mean
     copy_run(e2e_run, tmp_path / "damo")
-    q = run_plot(["side-by-side", str(tmp_path), "--env-id", "hopper-medium-expert", "--seed", "3", "--episodes", "2",
-                  "--out", str(tmp_path / "fig1")], minari_root)
+    second = copy_run(e2e_run, tmp_path / "damo4")
+    cfg = json.loads((second / "config.json").read_text())
+    cfg["args"]["seed"] = 4
+    (second / "config.json").write_text(json.dumps(cfg))
+    ck = torch.load(second / "checkpoint.pt", weights_only=False)
+    ck["args"]["seed"] = 4
+    torch.save(ck, second / "checkpoint.pt")
+    q = run_plot(["side-by-side", str(tmp_path), "--env-id", "hopper-medium-expert", "--seeds", "3", "4", "--episodes",
+                  "2", "--out", str(tmp_path / "fig1")], minari_root)
     assert q.returncode == 0, q.stderr[-3000:]
     res = json.load(open(tmp_path / "fig1.json"))
-    assert [t["variant"] for t in res["methods"]] == ["DAMO (rollout_length=3)", "MOBILE (rollout_length=3)",
-                                                      "MOPO (rollout_length=3)"]
+    assert [(t["variant"], t["seeds"]) for t in res["methods"]] == [
+        ("DAMO (rollout_length=3)", [3, 4]), ("MOBILE (rollout_length=3)", [3]), ("MOPO (rollout_length=3)", [3])]
     for t in res["methods"]:
         assert 0 <= t["real_outside"] <= 1 and 0 <= t["synthetic_outside"] <= 1 and t["n_real"] > 0
-        assert f"| {t['variant']} | {100 * t['real_outside']:.1f}% ({t['n_real']}) |" in q.stdout
-    assert len({t["threshold"] for t in res["methods"]}) == 1  # one reference for every method
+        mine = [r for r in res["runs"] if r["variant"] == t["variant"]]
+        assert t["real_outside"] == pytest.approx(np.mean([r["real_outside"] for r in mine]))
+        assert t["n_real"] == sum(r["n_real"] for r in mine)
+        shown = f"{100 * t['real_outside']:.1f}%" + (f" +- {100 * t['real_outside_std']:.1f}" if len(mine) > 1 else "")
+        assert f"| {t['variant']} | {', '.join(map(str, t['seeds']))} | {shown} ({t['n_real']}) |" in q.stdout, q.stdout
+    assert [r["seed"] for r in res["runs"]] == [3, 4, 3, 3]
+    assert res["runs"][0]["real_return_mean"] != res["runs"][1]["real_return_mean"]  # seed 4's own start states
+    assert len({t["threshold"] for t in res["runs"]}) == 1  # one reference for every run
     assert (tmp_path / "fig1.png").read_bytes()[:4] == b"\x89PNG"
     bad = [["--penalty", "mopa"], ["--penalty", "mopo", "--bc"], ["--penalty-coef", "2"], ["--actor-lr-schedule", "linear"]]
     says = ["--penalty mopa: unknown", "--bc has no critic", "--penalty-coef 2.0 weighs a peer's penalty",
