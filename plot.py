@@ -63,8 +63,9 @@ def variant_label(args: dict, family: str = "") -> str:
     alpha, beta = args.get("alpha", d.alpha), args.get("beta", d.beta)
     name = {"mopo": "MOPO", "mobile": "MOBILE"}.get(peer) or ("w/o ir" if alpha == 0 else "w/o er" if beta == 0 else "DAMO")
     knobs = ("alpha", "beta", "bc_coef", "bc_filter", "real_ratio", "rollout_length", "gamma", "tau", "actor_lr", "critic_lr",
-             "alpha_ent_lr", "backup_entropy", "data_fraction", "data_episodes", "penalty_coef", "alpha_ent_fixed")
-    extra = [f"{k}={args[k]:g}" for k in knobs
+             "alpha_ent_lr", "backup_entropy", "data_fraction", "data_episodes", "penalty_coef", "alpha_ent_fixed",
+             "actor_lr_schedule")
+    extra = [f"{k}={args[k]}" if isinstance(args[k], str) else f"{k}={args[k]:g}" for k in knobs
              if k in args and args[k] != getattr(d, k) and not (k == "beta" and beta == 0)
              and not (alpha == 0 and k in ("alpha", "bc_coef", "bc_filter"))]  # inert at alpha 0
     return name + (f" ({', '.join(extra)})" if extra else "")

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import gymnasium as gym
@@ -857,6 +857,12 @@ def test_env_defaults_apply_only_where_the_flag_is_not_given():
     assert plot.variant_label(asdict_args(gamma=0.99, tau=0.005), "hopper") == "DAMO (gamma=0.99, tau=0.005)"
     assert plot.variant_label(asdict_args(alpha=0.5), "hopper") == "DAMO (alpha=0.5)"
     assert plot.variant_label(asdict_args(alpha_ent_lr=1e-4), "hopper") == "DAMO (alpha_ent_lr=0.0001)"
+    assert plot.variant_label(asdict_args(actor_lr_schedule="cosine"), "hopper") == "DAMO (actor_lr_schedule=cosine)"
+    peer = damo.with_env_defaults(damo.Args(penalty="mopo"), "hopper", "hopper-medium-expert")
+    mopo = asdict(damo.with_peer_settings(peer, "hopper-medium-expert", {"penalty"}))  # as a MOPO run records it
+    assert mopo["actor_lr_schedule"] == "cosine"  # the peers' schedule is MOPO's own default: no label
+    assert plot.variant_label(mopo, "hopper") == "MOPO"
+    assert plot.variant_label({**mopo, "actor_lr_schedule": "constant"}, "hopper") == "MOPO (actor_lr_schedule=constant)"
     w2d_me = {"env_id": "walker2d-medium-expert"}
     assert plot.variant_label(asdict_args("walker2d", **w2d_me), "walker2d") == "DAMO"
     assert plot.variant_label(asdict_args("walker2d", alpha=5.0, **w2d_me), "walker2d") == "DAMO (alpha=5)"
