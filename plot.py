@@ -1154,7 +1154,7 @@ class Aggregate:
     """seed of the bootstrap"""
     out: Optional[str] = None
     """output path without extension (default: RUNS/../aggregate)"""
-    variants: tuple[str, ...] = ()
+    variants: Optional[tuple[str, ...]] = None
     """only these variants, named as the tables name them (e.g. DAMO BC; any case); default: every variant.
     The IQMs are over the datasets every listed variant has, so an ablation or a peer run on fewer datasets
     in the same folder is left out by listing the others"""
