@@ -213,14 +213,19 @@ def common_record(base) -> dict:
 
 def check_same_sweep(root: str, base):
     """A sweep folder belongs to one set of common flags (its ensembles and finished runs were made with
-    them); only --epochs may grow. The first sweep records them in SWEEP/sweep.json."""
+    them); only --epochs may grow. The first sweep records them in SWEEP/sweep.json. A flag damo.py gained
+    since then counts as given at its default (the runs were made without it, so with the behaviour its
+    default keeps); a flag it lost since then is not compared (it can no longer be passed)."""
+    import damo
+
     path = os.path.join(root, "sweep.json")
     if not os.path.isfile(path):
         return
     with open(path) as f:
         old = json.load(f)["common_flags"]
     new = common_record(base)
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    old = {**{k: v for k, v in common_record(damo.Args()).items() if k not in old}, **old}
+    diff = sorted(k for k in new if old.get(k) != new.get(k))
     if diff:
         was = ", ".join(f"--{k.replace('_', '-')} {old.get(k)} (now {new.get(k)})" for k in diff)
         raise SweepError(f"{root} was swept with other common flags: {was}. Its ensembles and runs were made with "

@@ -1780,11 +1780,17 @@ def test_sweep_bad_specs_fail_before_anything_starts(minari_root, tmp_path):
         ([*base, "--address", "127.0.0.1:9"], ["--address 127.0.0.1:9", "no Ray cluster answers"]),
         (["--env-ids", "walker2d-medium", "--sweep-dir", sweep, "--", "--no-download"], ["walker2d/medium", "not found"]),
         ([*base[:-1], str(tmp_path / "old"), "--", "--rollout-length", "3"], ["--rollout-length 5 (now 3)", "--sweep-dir"]),
+        ([*base[:-1], str(tmp_path / "old"), "--", "--actor-lr-schedule", "cosine"],
+         ["--actor-lr-schedule constant (now cosine)"]),
     ]
     import sweep as sweep_py
 
-    (tmp_path / "old").mkdir()  # a sweep folder made with the default common flags
-    (tmp_path / "old" / "sweep.json").write_text(json.dumps({"common_flags": sweep_py.common_record(damo.Args())}))
+    # a sweep folder made with the default common flags by a damo.py that had no --actor-lr-schedule yet and
+    # a flag since removed: today's defaults still match it (the new flag at its default, the old one ignored)
+    (tmp_path / "old").mkdir()
+    old = {k: v for k, v in sweep_py.common_record(damo.Args()).items() if k != "actor_lr_schedule"}
+    (tmp_path / "old" / "sweep.json").write_text(json.dumps({"common_flags": {**old, "a_flag_since_removed": 1}}))
+    sweep_py.check_same_sweep(str(tmp_path / "old"), damo.Args())
     t0 = time.time()
     for (argv, must), (code, err) in zip(cases, run_many("sweep.py", [a for a, _ in cases], minari_root)):
         error_line(code, err, *must)
