@@ -1043,8 +1043,9 @@ class Curves:
 class Diagnose:
     """The paper's Figs. 1, 3b and 4 for one trained run (its checkpoint.pt): offline, synthetic and real
     (s, a, s' - s) embedded by PCA, Q(s0, a0) against the return the critic estimates (the soft discounted
-    return, with the reward it was trained on, of 5 real episodes of its sampling policy), the classifier's P(offline) on each set, which source dataset's states the policy visits, and the return
-    when the critic picks each action. Writes RUN/diagnostics.{png,pdf,json}."""
+    return, with the reward it was trained on, of 5 real episodes of its sampling policy), the classifier's
+    P(offline) on each set, which source dataset's states the policy visits, and the return when the critic
+    picks each action. Writes RUN/diagnostics.{png,pdf,json}."""
 
     run_dir: Annotated[tyro.conf.Positional[str], _pos("RUN", "a DAMO run folder (or its checkpoint.pt)")]
 
@@ -1172,7 +1173,8 @@ class Aggregate:
             if unknown:
                 raise damo.DamoError(f"--variants {' '.join(unknown)}: no run under {self.runs} is of that variant; "
                                      f"its runs' variants are: {', '.join(found) or 'none'}")
-            runs = [r for r in runs if r["variant"].lower() in {v.lower() for v in self.variants}]
+            wanted = {v.lower() for v in self.variants}
+            runs = [r for r in runs if r["variant"].lower() in wanted]
         _out_dir_writable(out)
         agg = aggregate(runs, self.resamples, self.seed)
         print(aggregate_tables(agg))
