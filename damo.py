@@ -1596,7 +1596,8 @@ class RunLog:
         train_s = hist.timings["update_s"] + hist.timings["rollout_s"]
         results = {
             "env_id": args.env_id, "dataset_ids": info["dataset_ids"], "seed": args.seed,
-            "variant": "bc" if args.bc else f"damo(alpha={args.alpha},beta={args.beta},eta={args.bc_coef})",
+            "variant": ("bc" if args.bc else f"{args.penalty}(coef={args.penalty_coef})" if args.penalty != "none"
+                        else f"damo(alpha={args.alpha},beta={args.beta},eta={args.bc_coef})"),
             "global_steps": global_step, "eval_episodes": args.eval_episodes,
             "final_normalized_score": scores[-1] if scores else None,
             "last10_normalized_score": float(np.mean(scores[-10:])) if scores else None,

@@ -647,6 +647,8 @@ def test_peer_runs_record_their_settings_and_bad_values_are_refused(minari_root,
         cfg = json.load(open(tmp_path / penalty / "config.json"))["args"]
         assert (cfg["penalty"], cfg["penalty_coef"], cfg["backup_entropy"], cfg["alpha"], cfg["beta"], cfg["real_ratio"],
                 cfg["rollout_length"]) == (penalty, coef, backup, 0.0, 0.0, 0.05, 3)
+        res = json.load(open(tmp_path / penalty / "results.json"))
+        assert res["variant"] == f"{penalty}(coef={coef})"  # named as the peer, not as a DAMO with its alignments off
         rows = list(csv.DictReader(open(tmp_path / penalty / "eval.csv")))
         assert len(rows) == 2 and all(math.isfinite(float(r["return_mean"])) for r in rows)
         # the peers' cosine schedule ran: the second (last) of 2 epochs trained at half the actor's rate
