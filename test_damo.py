@@ -288,23 +288,25 @@ def test_mobile_penalty_matches_hand_computation():
     model.elites.copy_(torch.tensor([1, 4, 6]))
     critic, actor = damo.CriticEnsemble(4, 2, 16, 2), damo.Actor(4, 2, 16)
     s, a = torch.randn(5, 4), torch.rand(5, 2) * 2 - 1
-    torch.manual_seed(1)
-    u = damo.mobile_penalty(model, critic, actor, s, a, 4)
-    torch.manual_seed(1)  # the same draws, in the same order: eps, then the actor's noise
-    eps = torch.randn(4, 3, 5, 5).double().numpy()
-    mean, logvar = _members_by_hand(model, torch.cat([s, a], -1))
-    mean, logvar = mean[[1, 4, 6]], logvar[[1, 4, 6]]
-    s2 = s.double().numpy() + (mean + eps * np.exp(0.5 * logvar))[..., :-1]  # [4, 3, 5, 4]
-    flat = torch.as_tensor(s2.reshape(-1, 4)).float()
-    a2 = actor.sample(flat)[0]
 
     def q_j(j, x, y):  # critic j from its weights
         h = np.maximum(np.c_[x, y] @ critic.l1.weight[j].detach().numpy() + critic.l1.bias[j].detach().numpy(), 0)
         h = np.maximum(h @ critic.l2.weight[j].detach().numpy() + critic.l2.bias[j].detach().numpy(), 0)
         return (h @ critic.l3.weight[j].detach().numpy() + critic.l3.bias[j].detach().numpy())[:, 0]
 
-    q = np.minimum(q_j(0, flat.numpy(), a2.detach().numpy()), q_j(1, flat.numpy(), a2.detach().numpy())).reshape(4, 3, 5)
-    np.testing.assert_allclose(u.detach().numpy(), q.mean(0).std(0, ddof=1), rtol=1e-4, atol=1e-6)
+    for chunk in (1024, 7):  # 60 next states: one pass, then 9 chunks (the CPU path of 12,150 rows)
+        torch.manual_seed(1)
+        u = damo.mobile_penalty(model, critic, actor, s, a, 4, chunk)
+        torch.manual_seed(1)  # the same draws, in the same order: eps, then the actor's noise, chunk by chunk
+        eps = torch.randn(4, 3, 5, 5).double().numpy()
+        mean, logvar = _members_by_hand(model, torch.cat([s, a], -1))
+        mean, logvar = mean[[1, 4, 6]], logvar[[1, 4, 6]]
+        s2 = s.double().numpy() + (mean + eps * np.exp(0.5 * logvar))[..., :-1]  # [4, 3, 5, 4]
+        flat = torch.as_tensor(s2.reshape(-1, 4)).float()
+        a2 = torch.cat([actor.sample(x)[0] for x in flat.split(chunk)])
+        q = np.minimum(q_j(0, flat.numpy(), a2.detach().numpy()),
+                       q_j(1, flat.numpy(), a2.detach().numpy())).reshape(4, 3, 5)
+        np.testing.assert_allclose(u.detach().numpy(), q.mean(0).std(0, ddof=1), rtol=1e-4, atol=1e-6)
 
 
 def test_critic_target_with_a_peer_penalty_and_clamp():
