@@ -294,13 +294,13 @@ def test_mobile_penalty_matches_hand_computation():
         h = np.maximum(h @ critic.l2.weight[j].detach().numpy() + critic.l2.bias[j].detach().numpy(), 0)
         return (h @ critic.l3.weight[j].detach().numpy() + critic.l3.bias[j].detach().numpy())[:, 0]
 
+    mean, logvar = _members_by_hand(model, torch.cat([s, a], -1))
+    mean, logvar = mean[[1, 4, 6]], logvar[[1, 4, 6]]
     for chunk in (1024, 7):  # 60 next states: one pass, then 9 chunks (the CPU path of 12,150 rows)
         torch.manual_seed(1)
         u = damo.mobile_penalty(model, critic, actor, s, a, 4, chunk)
         torch.manual_seed(1)  # the same draws, in the same order: eps, then the actor's noise, chunk by chunk
         eps = torch.randn(4, 3, 5, 5).double().numpy()
-        mean, logvar = _members_by_hand(model, torch.cat([s, a], -1))
-        mean, logvar = mean[[1, 4, 6]], logvar[[1, 4, 6]]
         s2 = s.double().numpy() + (mean + eps * np.exp(0.5 * logvar))[..., :-1]  # [4, 3, 5, 4]
         flat = torch.as_tensor(s2.reshape(-1, 4)).float()
         a2 = torch.cat([actor.sample(x)[0] for x in flat.split(chunk)])
