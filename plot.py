@@ -879,19 +879,55 @@ def stratified_interval(statistic, samples: list[np.ndarray], resamples: int, se
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
+def recorded_runs(path: str) -> list[dict]:
+    """The held-out scores an earlier `plot.py aggregate` wrote into its JSON (`per_dataset`: per dataset and
+    variant the runs' scores, their seeds and last-10s), as runs for `aggregate`: sweeps run on other machines
+    or at other times join the run folders at hand without their folders."""
+    import damo
+
+    try:
+        with open(path) as f:
+            rows = json.load(f)["per_dataset"]
+        runs = []
+        for row in rows:
+            n = len(row["scores"])
+            seeds, last10 = row.get("run_seeds") or [None] * n, row.get("last10") or [None] * n
+            if len(seeds) != n or len(last10) != n:
+                raise ValueError(f"{row['dataset']} {row['variant']}: {n} scores but {len(seeds)} seeds, {len(last10)} last-10s")
+            runs += [{"path": f"{path} ({row['dataset']}, {row['variant']})", "env_id": row["dataset"], "variant": row["variant"],
+                      "seed": sd, "finished": True, "heldout": {"normalized_score": float(x)}, "last10": l10}
+                     for x, sd, l10 in zip(row["scores"], seeds, last10)]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise damo.DamoError(f"{path} is not the JSON of a `plot.py aggregate` (per_dataset rows with scores): "
+                             f"{type(e).__name__}: {e}") from None
+    return runs
+
+
 def aggregate(runs: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
-    """From each finished run's held-out score: per dataset and variant the mean and std over seeds; per
-    variant the IQM over its datasets with its interval; for every two variants that share datasets, the
-    probability that the first beats the second, with its interval."""
+    """From each finished run's held-out score (run folders, or rows of an earlier aggregate's JSON): per
+    dataset and variant the mean and std over seeds; per variant the IQM over its datasets with its interval;
+    for every two variants that share datasets, the probability that the first beats the second, with its
+    interval."""
     import damo
 
     scores: dict = {}
+    seeds: dict = {}
     last10: dict = {}  # beside it in the JSON: the same runs' last-10 of the training evaluations
+    where: dict = {}
     missing = [r["path"] for r in runs if r["finished"] and not r["heldout"]]
     for r in runs:
         if r["heldout"]:
+            # a run counted twice (the same sweep given twice, a recorded JSON beside its own folders) would
+            # weigh double in every statistic; a recorded row without seeds clashes with any run of its row
+            key = (r["env_id"], r["variant"])
+            clash = [p for sd, p in where.get(key, []) if p != r["path"] and (sd == r["seed"] or None in (sd, r["seed"]))]
+            if clash:
+                raise damo.DamoError(f"{r['env_id']} {r['variant']} seed {r['seed']} is given twice: {clash[0]} and "
+                                     f"{r['path']}; pass each run once")
+            where.setdefault(key, []).append((r["seed"], r["path"]))
             scores.setdefault(r["variant"], {}).setdefault(r["env_id"], []).append(r["heldout"]["normalized_score"])
-            last10.setdefault((r["variant"], r["env_id"]), []).append(float(r["score"][-10:].mean()))
+            seeds.setdefault(key, []).append(r["seed"])
+            last10.setdefault(key, []).append(r["last10"] if "last10" in r else float(r["score"][-10:].mean()))
     if missing:
         print(f"warning: {len(missing)} finished runs have no held-out score and are left out (damo.py --eval-only "
               f"RUN --heldout records it), e.g. {missing[0]}", file=sys.stderr)
@@ -901,7 +937,7 @@ def aggregate(runs: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
     variants = sorted(scores, key=variant_key)
     envs = sorted({e for v in scores.values() for e in v}, key=dataset_key)
     per_dataset = [{"dataset": e, "variant": v, "seeds": len(scores[v][e]), "mean": float(np.mean(scores[v][e])),
-                    "std": float(np.std(scores[v][e])), "scores": scores[v][e], "last10": last10[v, e]}
+                    "std": float(np.std(scores[v][e])), "scores": scores[v][e], "run_seeds": seeds[e, v], "last10": last10[e, v]}
                    for e in envs for v in variants if e in scores[v]]
     # the IQMs compare variants only on the datasets every variant has: a variant with more (or easier)
     # datasets would otherwise rank on those
@@ -1146,9 +1182,13 @@ class Aggregate:
     """The field's statistics (Agarwal et al. 2021) from the held-out scores of the runs under RUNS: per dataset
     each variant's mean +- std over seeds; over datasets the interquartile mean (IQM) of normalised scores with
     a 95% stratified bootstrap interval (runs resampled within each dataset), and the probability that one
-    variant beats another, with its interval. Prints markdown tables; writes PATH.{png,pdf,json}."""
+    variant beats another, with its interval. Prints markdown tables; writes PATH.{png,pdf,json}. RUNS may also
+    name the JSON of an earlier aggregate: its runs' scores join the folders' (sweeps run on other machines or
+    at other times; a run given twice is refused)."""
 
-    runs: Annotated[tyro.conf.Positional[str], _pos("RUNS", "folder of runs (searched recursively)")]
+    runs: Annotated[tyro.conf.Positional[str], _pos("RUNS", "folder of runs (searched recursively), or the JSON an "
+                                                           "earlier aggregate wrote")]
+    more: Annotated[tyro.conf.Positional[tuple[str, ...]], _pos("[MORE ...]", "more folders of runs or JSONs")] = ()
     resamples: int = 2000
     """bootstrap resamples"""
     seed: int = 0
@@ -1166,12 +1206,15 @@ class Aggregate:
         if self.resamples < 100:
             raise damo.DamoError(f"--resamples {self.resamples}: pass at least 100 (the field uses 2,000 or more)")
         out = self.out or _beside(self.runs, "aggregate")
-        runs = _runs_folder(self.runs)
+        given = [os.path.realpath(p) for p in (self.runs, *self.more)]
+        if len(set(given)) < len(given):
+            raise damo.DamoError(f"{' '.join((self.runs, *self.more))}: a folder or JSON is given twice; pass each once")
+        runs = [r for path in (self.runs, *self.more) for r in (recorded_runs(path) if path.endswith(".json") else _runs_folder(path))]
         if self.variants:
             found = sorted({r["variant"] for r in runs}, key=variant_key)
             unknown = [v for v in self.variants if v.lower() not in {f.lower() for f in found}]
             if unknown:
-                raise damo.DamoError(f"--variants {' '.join(unknown)}: no run under {self.runs} is of that variant; "
+                raise damo.DamoError(f"--variants {' '.join(unknown)}: no run under {' '.join((self.runs, *self.more))} is of that variant; "
                                      f"its runs' variants are: {', '.join(found) or 'none'}")
             wanted = {v.lower() for v in self.variants}
             runs = [r for r in runs if r["variant"].lower() in wanted]

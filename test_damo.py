@@ -1298,6 +1298,57 @@ def test_plot_aggregate_from_run_folders(tmp_path):
     assert "DAMO, BC" in bad.stderr
 
 
+def test_plot_aggregate_joins_an_earlier_aggregates_json(tmp_path):
+    """An aggregate's JSON keeps every run's score and seed: given as RUNS it stands for those runs (the same
+    statistics again, a fixed point), and it joins run folders from elsewhere (more seeds of a row); a run
+    given twice, a JSON row without seeds beside runs of its row, the same input twice and a file that is
+    not an aggregate's JSON are refused in one line."""
+    def write_run(root, env_id, variant, seed, score):
+        d = root / f"{env_id}__{variant}__{seed}"
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps({"args": {"env_id": env_id, "seed": seed, "bc": variant == "bc"},
+                                                   "data": {"env_family": env_id.split("-")[0]}}))
+        (d / "eval.csv").write_text("global_step,epoch,return_mean,return_std,normalized_score,"
+                                    "normalized_score_std,wall_time_s\n1000,1,1,0,2,0,1\n")
+        (d / "results.json").write_text(json.dumps({"heldout": {"normalized_score": score, "episodes": 100}}))
+
+    runs, more = tmp_path / "runs", tmp_path / "more"
+    for variant, table in (("bc", AGG_X), ("damo", AGG_Y)):
+        for env_id, scores in table.items():
+            for seed, score in enumerate(scores[:3]):
+                write_run(runs, env_id, variant, seed, score)
+    write_run(more, "hopper-medium", "damo", 3, AGG_Y["hopper-medium"][3])  # the fourth seed, run elsewhere
+    first = run_plot(["aggregate", str(runs), "--out", str(tmp_path / "a"), "--resamples", "500"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    agg = json.loads((tmp_path / "a.json").read_text())
+    assert agg["per_dataset"][0]["run_seeds"] == [0, 1, 2] and agg["per_dataset"][0]["last10"] == [2.0] * 3
+    again = run_plot(["aggregate", str(tmp_path / "a.json"), "--out", str(tmp_path / "b"), "--resamples", "500"], tmp_path)
+    assert again.returncode == 0 and again.stdout == first.stdout, (again.stderr[-2000:], again.stdout)
+    assert json.loads((tmp_path / "b.json").read_text()) == agg
+    joined = run_plot(["aggregate", str(tmp_path / "a.json"), str(more), "--out", str(tmp_path / "c"), "--resamples", "500"],
+                      tmp_path)
+    assert joined.returncode == 0, joined.stderr[-3000:]
+    row = next(r for r in json.loads((tmp_path / "c.json").read_text())["per_dataset"]
+               if r["dataset"] == "hopper-medium" and r["variant"] == "DAMO")
+    assert row["run_seeds"] == [0, 1, 2, 3] and row["scores"] == AGG_Y["hopper-medium"]
+    y = AGG_Y["hopper-medium"]
+    assert f"| hopper-medium | {np.mean(y):.1f} +- {np.std(y):.1f} (4) |" in joined.stdout, joined.stdout
+    write_run(more, "hopper-medium", "damo", 0, 1.0)  # seed 0 is in the JSON already
+    bad = run_plot(["aggregate", str(tmp_path / "a.json"), str(more)], tmp_path)
+    error_line(bad.returncode, bad.stderr, "hopper-medium DAMO seed 0 is given twice", "pass each run once")
+    shutil.rmtree(more / "hopper-medium__damo__0")
+    for r in agg["per_dataset"]:  # an aggregate's JSON from before seeds were kept
+        del r["run_seeds"]
+    (tmp_path / "old.json").write_text(json.dumps(agg))
+    bad = run_plot(["aggregate", str(tmp_path / "old.json"), str(more)], tmp_path)
+    error_line(bad.returncode, bad.stderr, "hopper-medium DAMO seed", "given twice")
+    bad = run_plot(["aggregate", str(runs), str(runs)], tmp_path)
+    error_line(bad.returncode, bad.stderr, "given twice")
+    (tmp_path / "other.json").write_text(json.dumps({"rows": []}))
+    bad = run_plot(["aggregate", str(tmp_path / "other.json")], tmp_path)
+    error_line(bad.returncode, bad.stderr, "other.json is not the JSON of a `plot.py aggregate`")
+
+
 def test_plot_diagnose_writes_figure_and_finite_json(minari_root, e2e_run, tmp_path):
     import torch
 
