@@ -1217,6 +1217,17 @@ AGG_Y = {"hopper-medium": [42.0, 38.0, 50.0, 45.0], "walker2d-medium": [12.0, 9.
          "halfcheetah-medium": [75.0, 72.0, 77.0, 90.0]}
 
 
+def write_scored_run(root, env_id: str, variant: str, seed: int, score: float):
+    """A finished run folder as plot.py reads it: config.json, one evaluation (score 1) and a held-out score."""
+    d = root / f"{env_id}__{variant}__{seed}"
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"args": {"env_id": env_id, "seed": seed, "bc": variant == "bc"},
+                                               "data": {"env_family": env_id.split("-")[0]}}))
+    (d / "eval.csv").write_text("global_step,epoch,return_mean,return_std,normalized_score,"
+                                "normalized_score_std,wall_time_s\n1000,1,1,0,1,0,1\n")
+    (d / "results.json").write_text(json.dumps({"heldout": {"normalized_score": score, "episodes": 100}}))
+
+
 def test_aggregate_statistics_match_hand_computation():
     """IQM, its stratified bootstrap interval and the probability of improvement against a by-hand numpy
     computation on made-up scores (3 datasets x 4 runs)."""
@@ -1255,13 +1266,7 @@ def test_plot_aggregate_from_run_folders(tmp_path):
     for variant, table in (("bc", AGG_X), ("damo", AGG_Y)):
         for env_id, scores in table.items():
             for seed, score in enumerate(scores):
-                d = runs / f"{env_id}__{variant}__{seed}"
-                d.mkdir(parents=True)
-                (d / "config.json").write_text(json.dumps({"args": {"env_id": env_id, "seed": seed, "bc": variant == "bc"},
-                                                           "data": {"env_family": env_id.split("-")[0]}}))
-                (d / "eval.csv").write_text("global_step,epoch,return_mean,return_std,normalized_score,"
-                                            "normalized_score_std,wall_time_s\n1000,1,1,0,1,0,1\n")
-                (d / "results.json").write_text(json.dumps({"heldout": {"normalized_score": score, "episodes": 100}}))
+                write_scored_run(runs, env_id, variant, seed, score)
     extra = runs / "hopper-medium-replay__bc__0"  # a dataset only BC has: in its row, not in the IQMs
     shutil.copytree(runs / "hopper-medium__bc__0", extra)
     (extra / "results.json").write_text(json.dumps({"heldout": {"normalized_score": 99.0, "episodes": 100}}))
@@ -1303,25 +1308,16 @@ def test_plot_aggregate_joins_an_earlier_aggregates_json(tmp_path):
     statistics again, a fixed point), and it joins run folders from elsewhere (more seeds of a row); a run
     given twice, a JSON row without seeds beside runs of its row, the same input twice and a file that is
     not an aggregate's JSON are refused in one line."""
-    def write_run(root, env_id, variant, seed, score):
-        d = root / f"{env_id}__{variant}__{seed}"
-        d.mkdir(parents=True)
-        (d / "config.json").write_text(json.dumps({"args": {"env_id": env_id, "seed": seed, "bc": variant == "bc"},
-                                                   "data": {"env_family": env_id.split("-")[0]}}))
-        (d / "eval.csv").write_text("global_step,epoch,return_mean,return_std,normalized_score,"
-                                    "normalized_score_std,wall_time_s\n1000,1,1,0,2,0,1\n")
-        (d / "results.json").write_text(json.dumps({"heldout": {"normalized_score": score, "episodes": 100}}))
-
     runs, more = tmp_path / "runs", tmp_path / "more"
     for variant, table in (("bc", AGG_X), ("damo", AGG_Y)):
         for env_id, scores in table.items():
             for seed, score in enumerate(scores[:3]):
-                write_run(runs, env_id, variant, seed, score)
-    write_run(more, "hopper-medium", "damo", 3, AGG_Y["hopper-medium"][3])  # the fourth seed, run elsewhere
+                write_scored_run(runs, env_id, variant, seed, score)
+    write_scored_run(more, "hopper-medium", "damo", 3, AGG_Y["hopper-medium"][3])  # the fourth seed, run elsewhere
     first = run_plot(["aggregate", str(runs), "--out", str(tmp_path / "a"), "--resamples", "500"], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     agg = json.loads((tmp_path / "a.json").read_text())
-    assert agg["per_dataset"][0]["run_seeds"] == [0, 1, 2] and agg["per_dataset"][0]["last10"] == [2.0] * 3
+    assert agg["per_dataset"][0]["run_seeds"] == [0, 1, 2] and agg["per_dataset"][0]["last10"] == [1.0] * 3
     again = run_plot(["aggregate", str(tmp_path / "a.json"), "--out", str(tmp_path / "b"), "--resamples", "500"], tmp_path)
     assert again.returncode == 0 and again.stdout == first.stdout, (again.stderr[-2000:], again.stdout)
     assert json.loads((tmp_path / "b.json").read_text()) == agg
@@ -1333,7 +1329,7 @@ def test_plot_aggregate_joins_an_earlier_aggregates_json(tmp_path):
     assert row["run_seeds"] == [0, 1, 2, 3] and row["scores"] == AGG_Y["hopper-medium"]
     y = AGG_Y["hopper-medium"]
     assert f"| hopper-medium | {np.mean(y):.1f} +- {np.std(y):.1f} (4) |" in joined.stdout, joined.stdout
-    write_run(more, "hopper-medium", "damo", 0, 1.0)  # seed 0 is in the JSON already
+    write_scored_run(more, "hopper-medium", "damo", 0, 1.0)  # seed 0 is in the JSON already
     bad = run_plot(["aggregate", str(tmp_path / "a.json"), str(more)], tmp_path)
     error_line(bad.returncode, bad.stderr, "hopper-medium DAMO seed 0 is given twice", "pass each run once")
     shutil.rmtree(more / "hopper-medium__damo__0")
