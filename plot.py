@@ -911,9 +911,8 @@ def aggregate(runs: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
     import damo
 
     scores: dict = {}
-    seeds: dict = {}
     last10: dict = {}  # beside it in the JSON: the same runs' last-10 of the training evaluations
-    where: dict = {}
+    where: dict = {}  # (dataset, variant) -> [(seed, path)] of its runs, in the order of `scores`
     missing = [r["path"] for r in runs if r["finished"] and not r["heldout"]]
     for r in runs:
         if r["heldout"]:
@@ -926,7 +925,6 @@ def aggregate(runs: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
                                      f"{r['path']}; pass each run once")
             where.setdefault(key, []).append((r["seed"], r["path"]))
             scores.setdefault(r["variant"], {}).setdefault(r["env_id"], []).append(r["heldout"]["normalized_score"])
-            seeds.setdefault(key, []).append(r["seed"])
             last10.setdefault(key, []).append(r["last10"] if "last10" in r else float(r["score"][-10:].mean()))
     if missing:
         print(f"warning: {len(missing)} finished runs have no held-out score and are left out (damo.py --eval-only "
@@ -937,7 +935,7 @@ def aggregate(runs: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
     variants = sorted(scores, key=variant_key)
     envs = sorted({e for v in scores.values() for e in v}, key=dataset_key)
     per_dataset = [{"dataset": e, "variant": v, "seeds": len(scores[v][e]), "mean": float(np.mean(scores[v][e])),
-                    "std": float(np.std(scores[v][e])), "scores": scores[v][e], "run_seeds": seeds[e, v], "last10": last10[e, v]}
+                    "std": float(np.std(scores[v][e])), "scores": scores[v][e], "run_seeds": [sd for sd, _ in where[e, v]], "last10": last10[e, v]}
                    for e in envs for v in variants if e in scores[v]]
     # the IQMs compare variants only on the datasets every variant has: a variant with more (or easier)
     # datasets would otherwise rank on those
@@ -1206,15 +1204,15 @@ class Aggregate:
         if self.resamples < 100:
             raise damo.DamoError(f"--resamples {self.resamples}: pass at least 100 (the field uses 2,000 or more)")
         out = self.out or _beside(self.runs, "aggregate")
-        given = [os.path.realpath(p) for p in (self.runs, *self.more)]
-        if len(set(given)) < len(given):
-            raise damo.DamoError(f"{' '.join((self.runs, *self.more))}: a folder or JSON is given twice; pass each once")
-        runs = [r for path in (self.runs, *self.more) for r in (recorded_runs(path) if path.endswith(".json") else _runs_folder(path))]
+        inputs = (self.runs, *self.more)
+        if len({os.path.realpath(p) for p in inputs}) < len(inputs):
+            raise damo.DamoError(f"{' '.join(inputs)}: a folder or JSON is given twice; pass each once")
+        runs = [r for path in inputs for r in (recorded_runs(path) if path.endswith(".json") else _runs_folder(path))]
         if self.variants:
             found = sorted({r["variant"] for r in runs}, key=variant_key)
             unknown = [v for v in self.variants if v.lower() not in {f.lower() for f in found}]
             if unknown:
-                raise damo.DamoError(f"--variants {' '.join(unknown)}: no run under {' '.join((self.runs, *self.more))} is of that variant; "
+                raise damo.DamoError(f"--variants {' '.join(unknown)}: no run under {' '.join(inputs)} is of that variant; "
                                      f"its runs' variants are: {', '.join(found) or 'none'}")
             wanted = {v.lower() for v in self.variants}
             runs = [r for r in runs if r["variant"].lower() in wanted]
