@@ -1267,12 +1267,12 @@ COMMANDS = {"curves": Curves, "aggregate": Aggregate, "side-by-side": SideBySide
 def main(argv: list[str]) -> int:
     """`plot.py COMMAND ...`; `plot.py RUNS ...` is `plot.py curves RUNS ...`. tyro answers bad arguments
     (exit status 2); a problem with the runs or data is one `error:` line (exit status 2)."""
-    import damo
-
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv = ["curves", *argv]
     command = tyro.extras.subcommand_cli_from_dict(COMMANDS, prog="plot.py", args=argv,
                                                    description=__doc__.split("\n\n")[0])
+    import damo  # after parsing: --help and tyro's errors answer without loading torch (seconds)
+
     try:
         return command.run()
     except (damo.DamoError, FileNotFoundError) as e:
