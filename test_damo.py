@@ -1329,20 +1329,19 @@ def test_plot_aggregate_joins_an_earlier_aggregates_json(tmp_path):
     assert row["run_seeds"] == [0, 1, 2, 3] and row["scores"] == AGG_Y["hopper-medium"]
     y = AGG_Y["hopper-medium"]
     assert f"| hopper-medium | {np.mean(y):.1f} +- {np.std(y):.1f} (4) |" in joined.stdout, joined.stdout
-    write_scored_run(more, "hopper-medium", "damo", 0, 1.0)  # seed 0 is in the JSON already
-    bad = run_plot(["aggregate", str(tmp_path / "a.json"), str(more)], tmp_path)
-    error_line(bad.returncode, bad.stderr, "hopper-medium DAMO seed 0 is given twice", "pass each run once")
-    shutil.rmtree(more / "hopper-medium__damo__0")
+    write_scored_run(tmp_path / "dup", "hopper-medium", "damo", 0, 1.0)  # seed 0 is in the JSON already
     for r in agg["per_dataset"]:  # an aggregate's JSON from before seeds were kept
         del r["run_seeds"]
     (tmp_path / "old.json").write_text(json.dumps(agg))
-    bad = run_plot(["aggregate", str(tmp_path / "old.json"), str(more)], tmp_path)
-    error_line(bad.returncode, bad.stderr, "hopper-medium DAMO seed", "given twice")
-    bad = run_plot(["aggregate", str(runs), str(runs)], tmp_path)
-    error_line(bad.returncode, bad.stderr, "given twice")
     (tmp_path / "other.json").write_text(json.dumps({"rows": []}))
-    bad = run_plot(["aggregate", str(tmp_path / "other.json")], tmp_path)
-    error_line(bad.returncode, bad.stderr, "other.json is not the JSON of a `plot.py aggregate`")
+    refused = run_many("plot.py", [["aggregate", str(tmp_path / "a.json"), str(tmp_path / "dup")],
+                                   ["aggregate", str(tmp_path / "old.json"), str(more)],
+                                   ["aggregate", str(runs), str(runs)],
+                                   ["aggregate", str(tmp_path / "other.json")]], tmp_path)
+    for (code, err), must in zip(refused, [("hopper-medium DAMO seed 0 is given twice", "pass each run once"),
+                                           ("hopper-medium DAMO seed", "given twice"), ("given twice",),
+                                           ("other.json is not the JSON of a `plot.py aggregate`",)]):
+        error_line(code, err, *must)
 
 
 def test_plot_diagnose_writes_figure_and_finite_json(minari_root, e2e_run, tmp_path):
@@ -2153,13 +2152,14 @@ def test_plot_sensitivity_from_runs(minari_root, tmp_path):
     p = run_plot(["sensitivity", str(old.parent), "data_fraction", "--out", str(tmp_path / "old_sens")], minari_root)
     assert p.returncode == 0, p.stderr[-2000:]
     assert [(t["data_fraction"], t["seeds"]) for t in json.load(open(tmp_path / "old_sens.json"))] == [(1.0, 1)]
-    for argv, must in [(["sensitivity", str(runs), "nope"], "unknown setting 'nope'"),
-                       (["sensitivity", str(tmp_path / "none"), "alpha"], "does not exist"),
-                       (["robustness", str(runs), "--noise", "0", "-1"], "noise levels must be >= 0")]:
-        q = run_plot(argv, minari_root)
-        error_line(q.returncode, q.stderr, must)
-    q = run_plot(["robustness", str(runs), "--noise", "a"], minari_root)  # tyro's own error: not a number
-    assert q.returncode == 2 and "Traceback" not in q.stderr and "Error parsing --noise" in q.stderr, q.stderr
+    cases = [(["sensitivity", str(runs), "nope"], "unknown setting 'nope'"),
+             (["sensitivity", str(tmp_path / "none"), "alpha"], "does not exist"),
+             (["robustness", str(runs), "--noise", "0", "-1"], "noise levels must be >= 0")]
+    *refused, (code, err) = run_many("plot.py", [argv for argv, _ in cases] + [["robustness", str(runs), "--noise", "a"]],
+                                     minari_root)
+    for (code_, err_), (_, must) in zip(refused, cases):
+        error_line(code_, err_, must)
+    assert code == 2 and "Traceback" not in err and "Error parsing --noise" in err, err  # tyro's own error: not a number
     # plot.py robustness: each final policy at each sensor-noise level, the numbers of damo.py --eval-only
     p = run_plot(["robustness", str(runs), "--noise", "0", "1", "--episodes", "2", "--out", str(tmp_path / "rob")], minari_root)
     assert p.returncode == 0, p.stderr[-2000:]
