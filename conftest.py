@@ -79,17 +79,17 @@ def minari_root(tmp_path_factory):
             os.environ[k] = v
 
 
-def run_many(script: str, argvs: list[list[str]], root, timeout=600) -> list[tuple[int, str]]:
+def run_many(script: str, argvs: list[list[str]], root, timeout=600, stdout=False) -> list[tuple]:
     """Run `script`'s __main__ once per argv, all in one child process (the imports are paid once):
-    [(exit status, stderr)] per argv. An exception other than SystemExit escapes as a traceback in the
-    stderr of its call, which the tests reject."""
+    [(exit status, stderr)] per argv, [(exit status, stderr, stdout)] with stdout=True. An exception other
+    than SystemExit escapes as a traceback in the stderr of its call, which the tests reject."""
     code = f"""
 import contextlib, io, json, runpy, sys, traceback
 out = []
 for argv in {argvs!r}:
     sys.argv = [{script!r}, *argv]
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    err, got = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(got):
         try:
             runpy.run_path({str(HERE / script)!r}, run_name="__main__")
             code = 0
@@ -98,13 +98,13 @@ for argv in {argvs!r}:
         except BaseException:
             traceback.print_exc(file=err)
             code = "traceback"
-    out.append([code, err.getvalue()])
+    out.append([code, err.getvalue(), got.getvalue()])
 print(json.dumps(out))
 """
     env = {**os.environ, "MINARI_DATASETS_PATH": str(root), **OFFLINE_ENV, "PYTHONWARNINGS": "ignore"}
     p = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=timeout, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
-    return [tuple(r) for r in json.loads(p.stdout.splitlines()[-1])]
+    return [tuple(r if stdout else r[:2]) for r in json.loads(p.stdout.splitlines()[-1])]
 
 
 def error_line(code, err: str, *must: str) -> str:

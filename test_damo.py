@@ -1465,31 +1465,29 @@ def test_same_seed_same_eval_csv_on_cpu(minari_root, e2e_run, tmp_path):
 
 def test_eval_only_reproduces_logged_evaluation_and_rejects_corrupt_checkpoint(minari_root, e2e_run, tmp_path):
     """The seed-3 run's last evaluation, reproduced without --seed (the run's own seed); --seed picks others."""
-    p = run_cli(["--eval-only", str(e2e_run), "--eval-episodes", "2"], minari_root)
-    assert p.returncode == 0, p.stderr[-3000:]
-    out = json.loads(p.stdout.strip().splitlines()[-1])
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes((e2e_run / "checkpoint.pt").read_bytes()[:1000])  # truncated
+    refusals = ((["--eval-only", str(e2e_run), "--obs-noise", "-0.1"], "--obs-noise -0.1 is out of range"),
+                (["--env-id", "hopper-medium-expert", "--obs-noise", "0.1"], "--eval-only RUN --obs-noise 0.1"),
+                (["--eval-only", str(bad)], "cannot load a checkpoint"))
+    # all in one process (the imports paid once); --obs-noise: the same episodes (seeds) with a perturbed view,
+    # seeded, so a second call repeats it
+    first, second, noisy0, noisy1, *refused = run_many("damo.py", [
+        ["--eval-only", str(e2e_run), "--eval-episodes", "2"], ["--eval-only", str(e2e_run), "--eval-episodes", "2", "--seed", "0"],
+        *[["--eval-only", str(e2e_run), "--eval-episodes", "2", "--seed", "3", "--obs-noise", "1"]] * 2,
+        *[argv for argv, _ in refusals]], minari_root, stdout=True)
+    noisy = (noisy0, noisy1)
+    assert all(code == 0 for code, _, _ in (first, second, *noisy)), (first, second, noisy)
+    out, other, n0, n1 = (json.loads(got.strip().splitlines()[-1]) for _, _, got in (first, second, *noisy))
     last = list(csv.DictReader(open(e2e_run / "eval.csv")))[-1]
     assert out["global_step"] == 200 and out["env"] == "Hopper-v5" and len(out["returns"]) == 2 and out["seed"] == 3
     assert out["return_mean"] == pytest.approx(float(last["return_mean"]), rel=1e-4)
     assert out["normalized_score"] == pytest.approx(float(last["normalized_score"]), rel=1e-4)
-    other = json.loads(run_cli(["--eval-only", str(e2e_run), "--eval-episodes", "2", "--seed", "0"],
-                               minari_root).stdout.strip().splitlines()[-1])
     assert other["seed"] == 0 and other["returns"] != out["returns"]
-    # --obs-noise: the same episodes (seeds) with a perturbed view; seeded, so a second call repeats it
-    noisy = [run_cli(["--eval-only", str(e2e_run), "--eval-episodes", "2", "--seed", "3", "--obs-noise", "1"],
-                     minari_root) for _ in range(2)]
-    assert all(q.returncode == 0 for q in noisy), noisy[0].stderr[-3000:]
-    n0, n1 = (json.loads(q.stdout.strip().splitlines()[-1]) for q in noisy)
     assert n0["obs_noise"] == 1.0 and n0["returns"] == n1["returns"] and n0["returns"] != out["returns"]
-    assert "observation noise 1.0" in noisy[0].stderr
-    for bad_flags, says in ((["--eval-only", str(e2e_run), "--obs-noise", "-0.1"], "--obs-noise -0.1 is out of range"),
-                            (["--env-id", "hopper-medium-expert", "--obs-noise", "0.1"], "--eval-only RUN --obs-noise 0.1")):
-        q = run_cli(bad_flags, minari_root)
-        assert q.returncode == 2 and says in q.stderr and "Traceback" not in q.stderr, q.stderr[-2000:]
-    bad = tmp_path / "checkpoint.pt"
-    bad.write_bytes((e2e_run / "checkpoint.pt").read_bytes()[:1000])  # truncated
-    p = run_cli(["--eval-only", str(bad)], minari_root)
-    assert p.returncode == 2 and "Traceback" not in p.stderr and "cannot load a checkpoint" in p.stderr
+    assert "observation noise 1.0" in noisy[0][1]
+    for (code, err, _), (_, says) in zip(refused, refusals):
+        assert code == 2 and says in err and "Traceback" not in err, err[-2000:]
 
 
 # --------------------------------------------------------------------------------------------------
