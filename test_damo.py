@@ -1764,6 +1764,7 @@ def sweep_cmd(sweep_dir) -> list[str]:
             "--", *SWEEP_FLAGS]
 
 
+@pytest.mark.xdist_group("ray")  # the tests that start Ray run one after another on one worker
 def test_sweep_survives_a_kill_and_plots(minari_root, tmp_path):
     """2 seeds x (DAMO, BC) with one shared ensemble. The sweep and its local Ray are killed (SIGKILL to the
     whole session, as a crashed machine) once a run has finished and a DAMO run has a checkpoint but no
@@ -1815,6 +1816,7 @@ def test_sweep_survives_a_kill_and_plots(minari_root, tmp_path):
     assert "nodes at 127.0.0.1\n" in q.stderr, q.stderr[:2000]
 
 
+@pytest.mark.xdist_group("ray")
 def test_sweep_bad_specs_fail_before_anything_starts(minari_root, tmp_path):
     sweep = str(tmp_path / "sweep")
     base = ["--env-ids", "hopper-medium-expert", "--seeds", "0", "--sweep-dir", sweep]
@@ -1853,6 +1855,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.xdist_group("ray")
 def test_sweep_on_a_ray_cluster_survives_a_lost_node(minari_root, tmp_path, request):
     """The cluster path as README "Sweeps" gives it: a head (`ray start --head`) and a worker node (`ray start
     --address`), 1 CPU each, with token authentication, on this machine only; sweep.py --address runs a BC
