@@ -1764,7 +1764,7 @@ def sweep_cmd(sweep_dir) -> list[str]:
             "--", *SWEEP_FLAGS]
 
 
-@pytest.mark.xdist_group("ray")  # the tests that start Ray run one after another on one worker
+@pytest.mark.xdist_group("ray")  # the sweep tests (Ray) run one after another on one worker
 def test_sweep_survives_a_kill_and_plots(minari_root, tmp_path):
     """2 seeds x (DAMO, BC) with one shared ensemble. The sweep and its local Ray are killed (SIGKILL to the
     whole session, as a crashed machine) once a run has finished and a DAMO run has a checkpoint but no
