@@ -1472,20 +1472,20 @@ def test_eval_only_reproduces_logged_evaluation_and_rejects_corrupt_checkpoint(m
                 (["--eval-only", str(bad)], "cannot load a checkpoint"))
     # all in one process (the imports paid once); --obs-noise: the same episodes (seeds) with a perturbed view,
     # seeded, so a second call repeats it
-    first, second, noisy0, noisy1, *refused = run_many("damo.py", [
+    evaluated = run_many("damo.py", [
         ["--eval-only", str(e2e_run), "--eval-episodes", "2"], ["--eval-only", str(e2e_run), "--eval-episodes", "2", "--seed", "0"],
         *[["--eval-only", str(e2e_run), "--eval-episodes", "2", "--seed", "3", "--obs-noise", "1"]] * 2,
         *[argv for argv, _ in refusals]], minari_root, stdout=True)
-    noisy = (noisy0, noisy1)
-    assert all(code == 0 for code, _, _ in (first, second, *noisy)), (first, second, noisy)
-    out, other, n0, n1 = (json.loads(got.strip().splitlines()[-1]) for _, _, got in (first, second, *noisy))
+    evaluated, refused = evaluated[:4], evaluated[4:]
+    assert all(code == 0 for code, _, _ in evaluated), evaluated
+    out, other, n0, n1 = (json.loads(got.strip().splitlines()[-1]) for _, _, got in evaluated)
     last = list(csv.DictReader(open(e2e_run / "eval.csv")))[-1]
     assert out["global_step"] == 200 and out["env"] == "Hopper-v5" and len(out["returns"]) == 2 and out["seed"] == 3
     assert out["return_mean"] == pytest.approx(float(last["return_mean"]), rel=1e-4)
     assert out["normalized_score"] == pytest.approx(float(last["normalized_score"]), rel=1e-4)
     assert other["seed"] == 0 and other["returns"] != out["returns"]
     assert n0["obs_noise"] == 1.0 and n0["returns"] == n1["returns"] and n0["returns"] != out["returns"]
-    assert "observation noise 1.0" in noisy[0][1]
+    assert "observation noise 1.0" in evaluated[2][1]  # stderr of the first noisy evaluation
     for (code, err, _), (_, says) in zip(refused, refusals):
         assert code == 2 and says in err and "Traceback" not in err, err[-2000:]
 
